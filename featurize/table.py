@@ -1,0 +1,184 @@
+"""The tile table: the one input contract shared by every stage.
+
+A tile table is a CSV or Parquet file with one row per tile:
+
+* ``ID`` (unique, required) and ``path`` (required; relative to the table's
+  folder, or absolute);
+* optional metadata: a grouping column (``slide``, ``patient``, ``group``,
+  ``section`` or any column named with ``group_col``), ``x``/``y``, ``barcode``;
+* every other column is a gene and must be numeric and finite.
+
+The reference layout (``train.csv`` with ``ID,path,<genes...>``, ``test.csv``
+with ``ID,path``) is read as is.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from featurize.errors import TableError
+
+#: Columns never treated as genes.
+META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode")
+#: Grouping columns looked for, in this order, when none is named.
+GROUP_CANDIDATES = ("patient", "slide", "section", "group")
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """A validated tile table; ``Y`` is ``None`` for tables without genes."""
+
+    source: Path
+    ids: np.ndarray  # (n,) str
+    paths: list[Path]  # resolved absolute paths
+    raw_paths: list[str]  # as written in the table
+    genes: list[str]
+    Y: np.ndarray | None  # (n, g) float32
+    groups: np.ndarray | None  # (n,) str
+    group_col: str | None
+    xy: np.ndarray | None  # (n, 2) float64
+
+    @property
+    def name(self) -> str:
+        """Short name used for the cache folder: the file stem."""
+        return self.source.stem
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """sha256 of the IDs, paths and image file sizes, in order.
+
+        It changes when a tile is added, removed, reordered, re-pointed or
+        replaced by a file of another size, so caches keyed by it go stale
+        instead of silently serving old features.
+        """
+        h = hashlib.sha256()
+        for i, raw, p in zip(self.ids, self.raw_paths, self.paths):
+            try:
+                size = p.stat().st_size
+            except OSError:
+                size = -1
+            h.update(f"{i}\0{raw}\0{size}\n".encode())
+        return h.hexdigest()
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise TableError(f"{path}: tile table not found; check the --data path.")
+    if path.is_dir():
+        raise TableError(f"{path}: is a directory; pass the CSV or Parquet tile table inside it.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, dtype={"ID": str, "path": str}, low_memory=False)
+    except pd.errors.EmptyDataError as exc:
+        raise TableError(f"{path}: the table is empty; it needs a header with ID and path columns.") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise TableError(f"{path}: cannot be parsed as {'Parquet' if suffix in ('.parquet', '.pq') else 'CSV'} ({exc}).") from exc
+    return df
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    group_col: str | None = None,
+    require_genes: bool = False,
+    check_files: bool = True,
+) -> TileTable:
+    """Read and validate a tile table.
+
+    Raises :class:`TableError` naming the column or row at fault for: a missing
+    file, an empty table, missing ``ID``/``path`` columns, duplicate IDs, a
+    missing image (when ``check_files``), non-numeric or non-finite gene values,
+    or no gene columns when ``require_genes``.
+    """
+    path = Path(path).expanduser().resolve()
+    df = _read_frame(path)
+    for col in ("ID", "path"):
+        if col not in df.columns:
+            raise TableError(f"{path}: missing required column '{col}'; a tile table needs ID and path columns.")
+    if len(df) == 0:
+        raise TableError(f"{path}: the table has a header but no rows.")
+    ids = df["ID"].astype(str).to_numpy()
+    if df["ID"].isna().any():
+        row = int(np.flatnonzero(df["ID"].isna().to_numpy())[0])
+        raise TableError(f"{path}: row {row + 2} has an empty ID; every tile needs a unique ID.")
+    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = np.flatnonzero(dup)[:3]
+        raise TableError(
+            f"{path}: duplicate ID '{ids[first[0]]}' (rows {', '.join(str(r + 2) for r in first)}); IDs must be unique."
+        )
+    if df["path"].isna().any():
+        row = int(np.flatnonzero(df["path"].isna().to_numpy())[0])
+        raise TableError(f"{path}: row {row + 2} (ID {ids[row]}) has an empty path.")
+    raw_paths = df["path"].astype(str).tolist()
+    base = path.parent
+    paths = [Path(p) if os.path.isabs(p) else (base / p) for p in raw_paths]
+    paths = [Path(os.path.normpath(p)) for p in paths]
+    if check_files:
+        for row, p in enumerate(paths):
+            if not p.exists():
+                raise TableError(
+                    f"{path}: row {row + 2} (ID {ids[row]}) points to {p}, which does not exist; "
+                    "fix the path (relative paths are read from the table's folder)."
+                )
+
+    if group_col is not None and group_col not in df.columns:
+        raise TableError(f"{path}: --groups column '{group_col}' is not in the table (columns: {', '.join(map(str, df.columns[:8]))}...).")
+    if group_col is None:
+        group_col = next((c for c in GROUP_CANDIDATES if c in df.columns), None)
+    groups = df[group_col].astype(str).to_numpy() if group_col else None
+
+    xy = None
+    if "x" in df.columns and "y" in df.columns:
+        xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+
+    meta = set(META_COLUMNS) | ({group_col} if group_col else set())
+    gene_cols = [c for c in df.columns if c not in meta]
+    Y = None
+    if gene_cols:
+        Y = _gene_matrix(path, df, gene_cols, ids)
+    elif require_genes:
+        raise TableError(f"{path}: no gene columns; a training table needs one numeric column per gene besides ID and path.")
+    return TileTable(
+        source=path,
+        ids=ids,
+        paths=paths,
+        raw_paths=raw_paths,
+        genes=[str(c) for c in gene_cols],
+        Y=Y,
+        groups=groups,
+        group_col=group_col,
+        xy=xy,
+    )
+
+
+def _gene_matrix(path: Path, df: pd.DataFrame, gene_cols: list, ids: np.ndarray) -> np.ndarray:
+    """Gene columns as float32, refusing text, NaN and inf with the cell named."""
+    block = df[gene_cols]
+    numeric = block.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & block.notna()
+    if bad.to_numpy().any():
+        r, c = np.argwhere(bad.to_numpy())[0]
+        raise TableError(
+            f"{path}: gene column '{gene_cols[c]}' row {r + 2} (ID {ids[r]}) holds non-numeric text "
+            f"'{block.iat[r, c]}'; gene columns must be numbers (rename metadata columns to one of {', '.join(META_COLUMNS)})."
+        )
+    Y = numeric.to_numpy(dtype=np.float64)
+    nonfinite = ~np.isfinite(Y)
+    if nonfinite.any():
+        r, c = np.argwhere(nonfinite)[0]
+        raise TableError(
+            f"{path}: gene column '{gene_cols[c]}' row {r + 2} (ID {ids[r]}) is {Y[r, c]}; "
+            "targets must be finite numbers (fill or drop that row)."
+        )
+    return Y.astype(np.float32)

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small generated tile set (never real tissue) and the her2st path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featurize.synthetic import make_synthetic_table
+
+HER2ST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
+VISIUM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visium-format"
+
+needs_her2st = pytest.mark.skipif(not (HER2ST / "images").is_dir(),
+                                  reason=f"real her2st data not found at {HER2ST} (CI has ../shared; a bare clone does not)")
+needs_visium = pytest.mark.skipif(not VISIUM.is_dir(), reason=f"Visium fixture not found at {VISIUM}")
+
+
+@pytest.fixture(scope="session")
+def syn_table(tmp_path_factory) -> Path:
+    """48 generated 64 px tiles, 4 slides, 12 genes."""
+    return make_synthetic_table(tmp_path_factory.mktemp("syn"), n=48, n_genes=12, size=64, n_groups=4)
+
+
+@pytest.fixture(scope="session")
+def syn_cache(syn_table, tmp_path_factory) -> tuple[Path, Path]:
+    """(table, cache_dir) with a random-init timm:test_vit cache."""
+    from featurize.extract import embed
+
+    cache_dir = tmp_path_factory.mktemp("cache")
+    embed(syn_table, ["timm:test_vit"], random_init=True, cache_dir=cache_dir, batch_size=16, progress=False,
+          num_workers=0)
+    return syn_table, cache_dir
