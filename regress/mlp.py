@@ -113,13 +113,13 @@ class MLPHead(RegressorMixin, BaseEstimator):
         import torch
 
         check_is_fitted(self, "state_")
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64]).astype(np.float32)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32]).astype(np.float64)
         net = self._net(X.shape[1], self.n_targets_)
         net.load_state_dict(self.state_)
-        net.eval()
+        net.double().eval()  # float64 inference: a row's prediction does not depend on its batch
         with torch.inference_mode():
             out = net(torch.from_numpy((X - self.x_mean_) / self.x_std_)).numpy()
-        out = out * self.y_std_ + self.y_mean_
+        out = (out * self.y_std_ + self.y_mean_).astype(np.float64)
         return out[:, 0] if self._y_1d else out
 
     def __sklearn_tags__(self):

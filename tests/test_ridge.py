@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.decomposition import PCA
+
+from regress.cv import make_splits
+from regress.ridge import RidgeHead, _best_alpha_index
+
+
+def _data(n=160, d=24, g=9, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :4] @ rng.standard_normal((4, g)) + 2 * rng.standard_normal((n, g)) + 5
+    return X, Y
+
+
+def _rel(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("alpha", [0.01, 3.0, 300.0])
+def test_fixed_alpha_equals_sklearn_ridge(standardize, alpha):
+    X, Y = _data()
+    ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
+    ours = RidgeHead(alphas=[alpha], standardize=standardize).fit(X, Y)
+    assert _rel(ours.predict(X), ref.fit(X, Y).predict(X)) < 1e-4
+
+
+def test_pca_preset_equals_sklearn_pipeline():
+    X, Y = _data(d=30)
+    ref = make_pipeline(StandardScaler(), PCA(10), Ridge(alpha=5.0, fit_intercept=False)).fit(X, Y)
+    ours = RidgeHead(alphas=[5.0], n_components=10, fit_intercept=False).fit(X, Y)
+    assert _rel(ours.predict(X), ref.predict(X)) < 1e-4
+
+
+def test_hest_alpha_is_computed_not_overwritten():
+    X, Y = _data(d=30)
+    h = RidgeHead(alphas="hest", n_components=10, fit_intercept=False).fit(X, Y)
+    assert h.alpha_[0] == pytest.approx(100 / (10 * Y.shape[1]))
+    assert h.n_components_ == 10 and h.alphas == "hest"  # the argument itself is untouched
+
+
+@pytest.mark.parametrize("scoring", ["mse", "pcc"])
+@pytest.mark.parametrize("n_components", [None, 8])
+def test_kfold_scores_equal_brute_force(scoring, n_components):
+    """The one-decomposition-per-fold fast path equals refitting sklearn per fold and alpha."""
+    X, Y = _data()
+    alphas = [0.1, 10.0, 1000.0]
+    groups = np.repeat(np.arange(4), 40)
+    h = RidgeHead(alphas=alphas, cv=4, scoring=scoring, n_components=n_components).fit(X, Y, groups=groups)
+    splits = make_splits(len(X), 4, groups)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        oof = np.zeros_like(Ys)
+        for tr, va in splits:
+            steps = [StandardScaler()] + ([PCA(n_components)] if n_components else []) + [Ridge(alpha=alpha)]
+            oof[va] = make_pipeline(*steps).fit(X[tr], Ys[tr]).predict(X[va])
+        if scoring == "mse":
+            expect = -((oof - Ys) ** 2).mean(0)
+        else:
+            expect = np.array([np.corrcoef(oof[:, j], Ys[:, j])[0, 1] for j in range(Y.shape[1])])
+        np.testing.assert_allclose(h.cv_scores_[a], expect, rtol=1e-4, atol=1e-6)
+    assert np.all(h.alpha_ == np.asarray(alphas)[np.argmax(h.cv_scores_, axis=0)])
+
+
+def test_gcv_equals_brute_force_leave_one_out():
+    """GCV standardises with full-data statistics; brute force does the same, then refits n times."""
+    X, Y = _data(n=60, d=10, g=4)
+    alphas = [0.1, 10.0, 1000.0]
+    h = RidgeHead(alphas=alphas, cv="gcv").fit(X, Y)
+    Xs = StandardScaler().fit_transform(X)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        loo = np.array([Ridge(alpha=alpha).fit(np.delete(Xs, i, 0), np.delete(Ys, i, 0)).predict(Xs[i:i + 1])[0]
+                        for i in range(len(X))])
+        np.testing.assert_allclose(h.cv_scores_[a], -((loo - Ys) ** 2).mean(0), rtol=1e-4)
+
+
+def test_gcv_exact_without_standardisation():
+    X, Y = _data(n=50, d=8, g=3)
+    alphas = [0.5, 50.0]
+    h = RidgeHead(alphas=alphas, cv="gcv", standardize=False).fit(X, Y)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        loo = np.array([Ridge(alpha=alpha).fit(np.delete(X, i, 0), np.delete(Ys, i, 0)).predict(X[i:i + 1])[0]
+                        for i in range(len(X))])
+        np.testing.assert_allclose(h.cv_scores_[a], -((loo - Ys) ** 2).mean(0), rtol=1e-4)
+
+
+def test_masked_update_equals_argmax_and_shared_alpha():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((13, 50))
+    np.testing.assert_array_equal(_best_alpha_index(scores, True), np.argmax(scores, 0))
+    assert set(_best_alpha_index(scores, False)) == {int(np.argmax(scores.mean(1)))}
+
+
+def test_per_gene_alphas_differ_when_genes_differ():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20))
+    y_signal = X @ rng.standard_normal(20)
+    Y = np.stack([y_signal + 0.1 * rng.standard_normal(300), rng.standard_normal(300)], 1)
+    h = RidgeHead(cv=5).fit(X, Y)
+    assert h.alpha_[0] < h.alpha_[1]  # clean gene: little shrinkage; pure noise: the most
+    shared = RidgeHead(cv=5, alpha_per_target=False).fit(X, Y)
+    assert shared.alpha_[0] == shared.alpha_[1]
+
+
+def test_constant_gene_is_handled():
+    X, Y = _data()
+    Y[:, 2] = 7.0
+    h = RidgeHead().fit(X, Y)
+    P = h.predict(X)
+    assert np.isfinite(P).all() and np.allclose(P[:, 2], 7.0)
+    assert list(h.constant_targets_) == [2]
+
+
+def test_one_dimensional_target():
+    X, Y = _data()
+    h = RidgeHead(alphas=[1.0]).fit(X, Y[:, 0])
+    assert h.predict(X).shape == (len(X),)
+
+
+def test_cuda_without_gpu_raises():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU present")
+    from featurize.errors import DeviceError
+
+    X, Y = _data()
+    with pytest.raises(DeviceError):
+        RidgeHead(device="cuda").fit(X, Y)
