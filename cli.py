@@ -108,14 +108,14 @@ def cmd_fit(args) -> int:
     group_col, use_groups = _groups_arg(args.groups)
     res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
-                  seed=args.seed, device=args.device, name=args.name)
+                  seed=args.seed, device=args.device, name=args.name, context=args.context)
     m = res.metrics
-    _print_table([{"head": args.head, "PCC/gene mean": f"{m['pcc_gene_mean']:.4f}",
-                   "by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
-                   "PCC/gene median": f"{m['pcc_gene_median']:.4f}", "PCC/tile mean": f"{m['pcc_tile_mean']:.4f}",
-                   "MSE": f"{m['mse']:.4f}", "CV s": f"{res.fit_seconds:.1f}"}],
-                 ["head", "PCC/gene mean", "by fold", "PCC/gene median", "PCC/tile mean", "MSE", "CV s"])
-    print("PCC/gene mean pools all out-of-fold rows; 'by fold' scores each held-out fold on its own and averages.")
+    _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
+                   "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
+                   "PCC/tile": f"{m['pcc_tile_mean']:.4f}", "MSE": f"{m['mse']:.4f}", "CV s": f"{res.fit_seconds:.1f}"}],
+                 ["head", "PCC/gene by fold", "PCC/gene pooled", "median pooled", "PCC/tile", "MSE", "CV s"])
+    print("PCC/gene by fold: mean over genes, each held-out fold scored on its own, averaged over folds "
+          "(HEST convention); pooled: all out-of-fold rows at once.")
     if m["constant_genes"]:
         print(f"{len(m['constant_genes'])} constant genes have no PCC and are excluded from the means.")
     print(f"run written to {res.path}")
@@ -128,9 +128,83 @@ def cmd_compare(args) -> int:
     group_col, use_groups = _groups_arg(args.groups)
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                         folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
-                        device=args.device, out=args.out)
-    _print_table(rows, ["backbone", "head", "pcc_gene_mean", "pcc_gene_by_fold", "pcc_tile_mean", "fit_s", "best"])
+                        device=args.device, out=args.out, context=args.context)
+    _print_table(rows, ["backbone", "head", "pcc_gene_by_fold", "pcc_gene_pooled", "pcc_tile", "fit_s", "best"])
     print(f"per-gene PCC distributions: {png}")
+    return 0
+
+
+def cmd_tiles(args) -> int:
+    gene_list = None
+    if args.gene_list:
+        try:
+            gene_list = [g.strip() for g in Path(args.gene_list).read_text().split() if g.strip()]
+        except OSError as exc:
+            raise HexpressError(f"--gene-list {args.gene_list}: cannot be read ({exc.strerror}).") from exc
+    n_genes = None if args.genes in ("all", "0") else int(args.genes)
+    common = dict(out_px=args.out_px, normalize_mode=args.normalize, n_genes=n_genes, gene_list=gene_list,
+                  min_spots=args.min_spots, name=args.name)
+    tile_um = None if args.tile_px else args.tile_um
+    if args.format == "st":
+        from featurize.importers.st import import_st
+
+        out = import_st(args.source, args.out, sections=args.section, tile_um=tile_um or 100.0,
+                        tile_px=args.tile_px, **common)
+    elif args.format == "visium":
+        from featurize.importers.visium import VISIUM_SPOT_UM, import_visium
+
+        out = import_visium(args.source if isinstance(args.source, list) else [args.source], args.out,
+                            images=args.image, image_res=args.image_res, tile_um=tile_um or VISIUM_SPOT_UM,
+                            tile_px=args.tile_px, **common)
+    else:
+        from featurize.importers.hest import import_hest
+
+        if not args.section:
+            raise HexpressError("tiles hest: name the samples with --section ID (repeatable).")
+        out = import_hest(args.source, args.section, args.out, **common)
+    print(out)
+    print(f"sidecar: {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_import_embeddings(args) -> int:
+    from featurize.importers.hest import import_embeddings
+    from featurize.table import read_table
+
+    out = import_embeddings(args.file, read_table(args.data, check_files=False), args.backbone, args.cache_dir,
+                            id_prefix=args.id_prefix)
+    print(out)
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from regress.stack import stack_runs
+
+    runs = list(args.run or [])
+    if args.all:
+        from regress.runs import load_run
+
+        base = Path(args.runs_dir)
+        found = sorted(p for p in base.iterdir() if (p / "run.json").is_file()) if base.is_dir() else []
+        runs += [str(p) for p in found if load_run(p).info["table"]["path"] == str(Path(args.all).resolve())]
+    res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=args.alpha)
+    print(f"stack written to {res.path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from regress.predict import predict_table, write_submission
+
+    df = predict_table(args.run, args.data, cache_dir=args.cache_dir, template=args.template, device=args.device,
+                       batch_size=args.batch_size)
+    print(write_submission(df, args.out))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from regress.report import write_report
+
+    print(write_report(args.run, gene=args.gene, slide=args.slide))
     return 0
 
 
@@ -169,6 +243,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="two sections only (for tests)")
     sp.set_defaults(func=cmd_demo)
 
+    sp = sub.add_parser("tiles", help="import spatial data (ST / Visium / HEST) into a tile table with cut tiles",
+                        description="Cut a tile around every spot, normalise expression and write <out>/<name>.csv, "
+                                    "tiles/ and a JSON sidecar reporting dropped spots, padding and genes.")
+    sp.add_argument("format", choices=("st", "visium", "hest"), help="st: her2st-style folder (counts/, spots/, images/); "
+                    "visium: Space Ranger outs folder; hest: HEST-1k folder (patches/, st/)")
+    sp.add_argument("source", help="the data folder")
+    sp.add_argument("--out", required=True, help="output folder for the table and tiles")
+    sp.add_argument("--name", default="tiles", help="table name (default: %(default)s)")
+    sp.add_argument("--section", action="append", help="section/sample to import (repeatable; default all for st)")
+    sp.add_argument("--image", action="append", help="visium: full-resolution image (one per folder)")
+    sp.add_argument("--image-res", choices=("lowres", "hires"), help="visium without a full-resolution image")
+    sp.add_argument("--tile-um", type=float, default=None, help="tile side in micrometres (default: the spot size: 100 st, 55 visium)")
+    sp.add_argument("--tile-px", type=int, default=None, help="tile side in source pixels (instead of --tile-um)")
+    sp.add_argument("--out-px", type=int, default=224, help="saved tile size (default: %(default)s)")
+    sp.add_argument("--normalize", choices=("lognorm", "cpm", "log1p", "raw"), default="lognorm",
+                    help="lognorm: library size 1e4 then log1p (default); cpm: 1e6 then log1p")
+    sp.add_argument("--genes", default="250", help="N most variable genes, or 'all' (default: %(default)s)")
+    sp.add_argument("--gene-list", help="file with gene symbols to keep (overrides --genes)")
+    sp.add_argument("--min-spots", type=float, default=0.1, help="drop genes detected in fewer than this fraction of spots")
+    sp.set_defaults(func=cmd_tiles)
+
+    sp = sub.add_parser("import-embeddings", help="use embeddings from TRIDENT / CLAM / HEST as a cache",
+                        description="Align an HDF5 file of features/embeddings (with barcodes or coords) to a tile "
+                                    "table and store it as a hexpress cache under --backbone NAME.")
+    common_data(sp)
+    sp.add_argument("file", help="HDF5 with 'features' or 'embeddings' and 'barcodes' or 'coords'")
+    sp.add_argument("--backbone", required=True, help="name to file the cache under (e.g. uni_hest)")
+    sp.add_argument("--id-prefix", default="", help="prefix that turns a barcode into the table ID (e.g. 'SAMPLE_')")
+    sp.set_defaults(func=cmd_import_embeddings)
+
     sp = sub.add_parser("backbones", help="list the registered backbones", description="List registered backbones.")
     sp.set_defaults(func=cmd_backbones)
 
@@ -206,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--groups", default=None, help="grouping column (default: patient/slide/section/group if present); 'none' for plain K-fold")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--device", default="cpu", help="cpu or cuda (ridge and mlp have GPU paths)")
+        sp.add_argument("--context", type=int, default=0, metavar="K",
+                        help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
 
     sp = sub.add_parser("fit", help="cross-validate one head on cached features and save the run",
                         description="Fit --head on the caches of --backbone (several are concatenated) with grouped "
@@ -225,6 +331,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--head", action="append", required=True, choices=list(HEADS))
     sp.add_argument("--out", default=None, help="PNG path (default: <runs-dir>/compare-<table>.png)")
     sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("stack", help="blend several runs per gene from their out-of-fold predictions",
+                        description="Learn per-gene blend weights (non-negative, summing to one) from the runs' OOF "
+                                    "predictions; its score is cross-fitted and printed beside the best single run "
+                                    "and the plain average.")
+    sp.add_argument("--run", action="append", help="run folder (repeatable)")
+    sp.add_argument("--all", metavar="TABLE", help="every run under --runs-dir fitted on this tile table")
+    sp.add_argument("--runs-dir", default=DEFAULT_RUNS)
+    sp.add_argument("--method", choices=("nnls", "ridge"), default="nnls")
+    sp.add_argument("--alpha", type=float, default=1.0, help="ridge stacker penalty")
+    sp.add_argument("--out", default=None, help="stack folder (default: <runs-dir>/stack-<table>)")
+    sp.set_defaults(func=cmd_stack)
+
+    sp = sub.add_parser("predict", help="predict a test table with a run or stack and write the CSV",
+                        description="Embed the test tiles if needed (same backbone settings, checked), predict, "
+                                    "apply the stack, and write ID + genes (training order or --template order).")
+    sp.add_argument("--run", required=True, help="run or stack folder")
+    common_data(sp)
+    sp.add_argument("--out", required=True, help="submission CSV to write")
+    sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("report", help="Markdown report with histogram, best/worst genes and a spatial map",
+                        description="Write <run>/report/report.md with PNGs.")
+    sp.add_argument("run", help="run or stack folder")
+    sp.add_argument("--gene", help="gene for the spatial map (default: the best-predicted)")
+    sp.add_argument("--slide", help="slide for the spatial map (default: the largest)")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

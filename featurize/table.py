@@ -42,6 +42,7 @@ class TileTable:
     groups: np.ndarray | None  # (n,) str
     group_col: str | None
     xy: np.ndarray | None  # (n, 2) float64
+    slides: np.ndarray | None = None  # (n,) str: the slide/section column, for spatial neighbours
 
     @property
     def name(self) -> str:
@@ -141,6 +142,8 @@ def read_table(
     xy = None
     if "x" in df.columns and "y" in df.columns:
         xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+    slide_col = next((c for c in ("slide", "section") if c in df.columns), None)
+    slides = df[slide_col].astype(str).to_numpy() if slide_col else None
 
     meta = set(META_COLUMNS) | ({group_col} if group_col else set())
     gene_cols = [c for c in df.columns if c not in meta]
@@ -159,6 +162,7 @@ def read_table(
         groups=groups,
         group_col=group_col,
         xy=xy,
+        slides=slides,
     )
 
 

@@ -12,24 +12,24 @@ from regress.runs import fit_run, load_training_data
 
 def compare(data, backbones: Sequence[str], heads: Sequence[str], *, cache_dir="cache", runs_dir="runs",
             folds: int = 5, group_col: str | None = None, use_groups: bool = True, seed: int = 0,
-            device: str = "cpu", out: str | None = None, log=print) -> tuple[list[dict], Path]:
+            device: str = "cpu", out: str | None = None, log=print, context: int = 0) -> tuple[list[dict], Path]:
     """Fit every head on every backbone; returns table rows and the PNG path."""
     table = read_table(data, group_col=group_col, require_genes=True, check_files=False)
     rows, dists = [], {}
     for bb in backbones:
-        td = load_training_data(table, [bb], cache_dir)
+        td = load_training_data(table, [bb], cache_dir, context=context)
         for head in heads:
             res = fit_run(table, [bb], head, cache_dir=cache_dir, runs_dir=runs_dir, folds=folds,
-                          use_groups=use_groups, seed=seed, device=device, log=log, training=td)
+                          use_groups=use_groups, seed=seed, device=device, log=log, training=td, context=context)
             m = res.metrics
             flag = " RANDOM-INIT" if any(c["random_init"] for c in td.caches) else ""
-            rows.append({"backbone": bb + flag, "head": head, "pcc_gene_mean": f"{m['pcc_gene_mean']:.4f}",
-                         "pcc_gene_by_fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
-                         "pcc_tile_mean": f"{m['pcc_tile_mean']:.4f}", "fit_s": f"{res.fit_seconds:.1f}",
+            rows.append({"backbone": bb + flag, "head": head, "pcc_gene_by_fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
+                         "pcc_gene_pooled": f"{m['pcc_gene_mean']:.4f}",
+                         "pcc_tile": f"{m['pcc_tile_mean']:.4f}", "fit_s": f"{res.fit_seconds:.1f}",
                          "best": "", "run": str(res.path)})
             r = np.array([v for v in m["per_gene"]["pcc"] if v is not None])
             dists[f"{bb}\n{head}"] = r
-    best = int(np.argmax([float(r["pcc_gene_mean"]) for r in rows]))
+    best = int(np.argmax([float(r["pcc_gene_by_fold"]) for r in rows]))
     rows[best]["best"] = "*"
     png = Path(out) if out else Path(runs_dir) / f"compare-{table.name}.png"
     _plot(dists, png, title=f"CV PCC per gene, {table.name}")

@@ -132,7 +132,10 @@ class RidgeHead(RegressorMixin, BaseEstimator):
             best = _best_alpha_index(scores, self.alpha_per_target)
 
         self.alpha_ = np.asarray(alphas)[best]
-        lam, V, scale = _decompose(be, G, sx, n, self.standardize, k)
+        if n < d:
+            lam, V, scale = _decompose_dual(be, Xc, self.standardize, k)
+        else:
+            lam, V, scale = _decompose(be, G, sx, n, self.standardize, k)
         B = V.T @ (C / be.astype(scale, "float32")[:, None])
         alpha_t = be.asarray(self.alpha_, "float32")
         coef_s = V @ (B / (be.astype(lam, "float32")[:, None] + alpha_t[None, :]))
@@ -170,12 +173,14 @@ class RidgeHead(RegressorMixin, BaseEstimator):
             Xv = xp.take(Xc, vi, axis=0)
             Yv32 = xp.take(Ys32, vi, axis=0)
             n_tr = len(train)
-            G_tr = G - Xv.T @ Xv
             sx_tr = sx - xp.sum(Xv, axis=0)
             sy_tr = sy - xp.sum(xp.take(Ys, vi, axis=0), axis=0)
             mu = sx_tr / n_tr
             muy = be.astype(sy_tr / n_tr, "float32")
-            lam, V, scale = _decompose(be, G_tr, sx_tr, n_tr, self.standardize, k)
+            if n_tr < Xc.shape[1]:  # fewer rows than features: decompose the n x n Gram instead
+                lam, V, scale = _decompose_dual(be, xp.take(Xc, be.asarray(train, "int64"), axis=0), self.standardize, k)
+            else:
+                lam, V, scale = _decompose(be, G - Xv.T @ Xv, sx_tr, n_tr, self.standardize, k)
             C_tr = C - be.astype(Xv, "float32").T @ Yv32
             C_c = C_tr - be.astype(mu, "float32")[:, None] * be.astype(sy_tr, "float32")[None, :]
             scale32 = be.astype(scale, "float32")
@@ -265,6 +270,35 @@ def _decompose(be, G, sx, n, standardize: bool, k: int):
     lam = xp.clip(xp.take(lam, order, axis=0), 0.0, None)
     V = be.astype(xp.take(V, order, axis=1), "float32")
     return lam, V, scale
+
+
+def _decompose_dual(be, Xrows, standardize: bool, k: int):
+    """Same output as :func:`_decompose` from the n x n Gram of the rows (for n < d).
+
+    With :math:`X_s = U S V^\\top`: eigenpairs of :math:`X_s X_s^\\top` give
+    :math:`\\lambda = S^2` and :math:`V = X_s^\\top U / S`; directions with
+    :math:`\\lambda = 0` carry no signal and are dropped (their coefficients are 0
+    for any alpha > 0).
+    """
+    xp = be.xp
+    n = Xrows.shape[0]
+    mu = xp.sum(Xrows, axis=0) / n
+    Xr = Xrows - mu[None, :]
+    var = xp.sum(Xr * Xr, axis=0) / n
+    if standardize:
+        ok = var > 1e-12
+        scale = xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
+        Xr = Xr / scale[None, :]
+    else:
+        scale = xp.ones_like(var)
+    lam, U = xp.linalg.eigh(Xr @ Xr.T)
+    lam_np = be.to_numpy(lam)
+    keep = np.flatnonzero(lam_np > 1e-10 * max(lam_np.max(), 1e-300))[::-1][:k]
+    idx = be.asarray(keep.copy(), "int64")
+    lam = xp.take(lam, idx, axis=0)
+    U = xp.take(U, idx, axis=1)
+    V = (Xr.T @ U) / xp.sqrt(lam)[None, :]
+    return lam, be.astype(V, "float32"), scale
 
 
 def _pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n, scoring: str) -> np.ndarray:

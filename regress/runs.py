@@ -35,6 +35,7 @@ from featurize import __version__
 from featurize.cache import load_features
 from featurize.errors import RunError, TableError
 from featurize.table import TileTable, read_table
+from regress.context import neighbour_features
 from regress.cv import cross_val_predict_groups, make_splits
 from regress.heads import make_head
 from regress.metrics import evaluate, evaluate_by_fold
@@ -56,8 +57,10 @@ class TrainingData:
 
 
 def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[str], cache_dir="cache",
-                       cache_files: Sequence[str] | None = None, group_col: str | None = None) -> TrainingData:
-    """Read the table and the caches, align rows by ID, concatenate backbones."""
+                       cache_files: Sequence[str] | None = None, group_col: str | None = None,
+                       context: int = 0) -> TrainingData:
+    """Read the table and the caches, align rows by ID, concatenate backbones,
+    append ``context`` nearest-neighbour mean features (0 = none)."""
     table = data if isinstance(data, TileTable) else read_table(data, group_col=group_col, require_genes=True,
                                                                 check_files=False)
     if table.Y is None:
@@ -70,12 +73,15 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
         a = cache.attrs
         infos.append({"backbone": cache.backbone, "cache": str(cache.path), "fingerprint": a["fingerprint"],
                       "random_init": bool(a["random_init"]), "weights_sha256": a["weights_sha256"],
-                      "weights_source": a["weights_source"], "tta": int(a["tta"]), "dtype": a["dtype"]})
+                      "weights_source": a["weights_source"], "weights_path": a.get("weights_path", ""),
+                      "tta": int(a["tta"]), "dtype": a["dtype"], "key": json.loads(a["key_json"])})
     # rows present in every cache (tiles skipped with --skip-bad drop out), in table order
     present = set.intersection(*(set(c.ids) for c in feats))
     rows = np.array([i for i, k in enumerate(table.ids) if k in present], dtype=int)
     ids = table.ids[rows]
     X = np.concatenate([c.features[_index_of(c.ids, ids)] for c in feats], axis=1)
+    X = neighbour_features(X, table.xy[rows] if table.xy is not None else None,
+                           table.slides[rows] if table.slides is not None else None, context, str(table.source))
     groups = table.groups[rows] if table.groups is not None else None
     return TrainingData(table, ids, X, table.Y[rows], groups, infos)
 
@@ -96,9 +102,10 @@ class RunResult:
 def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="cache", runs_dir="runs",
             cache_files: Sequence[str] | None = None, folds: int = 5, group_col: str | None = None,
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
-            command: str | None = None, log=print, training: TrainingData | None = None) -> RunResult:
+            command: str | None = None, log=print, training: TrainingData | None = None,
+            context: int = 0) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder."""
-    td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col)
+    td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context)
     groups = td.groups if use_groups else None
     splits = make_splits(len(td.ids), folds, groups, seed)
     fold_of = np.zeros(len(td.ids), dtype=np.int32)
@@ -118,7 +125,8 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     model = make_head(head, device, seed).fit(td.X, td.Y, **kwargs)
     refit_seconds = time.perf_counter() - t1
     bb_names = [c["backbone"] for c in td.caches]
-    name = name or f"{td.table.name}-{'+'.join(bb_names)}-{head}".replace(":", "_").replace("/", "_")
+    ctx = f"-ctx{context}" if context else ""
+    name = name or f"{td.table.name}-{'+'.join(bb_names)}-{head}{ctx}".replace(":", "_").replace("/", "_")
     info = {
         "format": RUN_FORMAT,
         "tool_version": __version__,
@@ -129,6 +137,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "backbones": td.caches,
         "random_init": any(c["random_init"] for c in td.caches),
         "head": {"name": head, "params": {k: _jsonable(v) for k, v in est.get_params().items()}},
+        "context": context,
         "folds": {"n": len(splits), "seed": seed, "grouped": groups is not None},
         "genes": td.table.genes,
         "cv_seconds": cv_seconds,
@@ -148,7 +157,8 @@ def _jsonable(v):
     return v
 
 
-def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model) -> Path:
+def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model, info_name: str = "run.json",
+              model_name: str = "model.joblib") -> Path:
     """Write every file under a temporary folder, then rename it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +167,7 @@ def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model) -> Pa
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=_jsonable))
+        (tmp / info_name).write_text(json.dumps(info, indent=2, default=_jsonable))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_jsonable))
         import pandas as pd
 
@@ -167,7 +177,7 @@ def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model) -> Pa
             fh.create_dataset("genes", data=np.asarray(genes).astype(object), dtype=_STR)
             fh.create_dataset("oof", data=np.asarray(oof, dtype=np.float32))
             fh.create_dataset("fold", data=fold_of)
-        joblib.dump(model, tmp / "model.joblib")
+        joblib.dump(model, tmp / model_name)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

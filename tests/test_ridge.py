@@ -22,8 +22,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("alpha", [0.01, 3.0, 300.0])
-def test_fixed_alpha_equals_sklearn_ridge(standardize, alpha):
-    X, Y = _data()
+@pytest.mark.parametrize("d", [24, 300])
+def test_fixed_alpha_equals_sklearn_ridge(standardize, alpha, d):
+    X, Y = _data(d=d)
     ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
     ours = RidgeHead(alphas=[alpha], standardize=standardize).fit(X, Y)
     assert _rel(ours.predict(X), ref.fit(X, Y).predict(X)) < 1e-4
@@ -45,9 +46,10 @@ def test_hest_alpha_is_computed_not_overwritten():
 
 @pytest.mark.parametrize("scoring", ["mse", "pcc"])
 @pytest.mark.parametrize("n_components", [None, 8])
-def test_kfold_scores_equal_brute_force(scoring, n_components):
+@pytest.mark.parametrize("d", [24, 300])  # 300 > rows: the dual (n x n) decomposition path
+def test_kfold_scores_equal_brute_force(scoring, n_components, d):
     """The one-decomposition-per-fold fast path equals refitting sklearn per fold and alpha."""
-    X, Y = _data()
+    X, Y = _data(d=d)
     alphas = [0.1, 10.0, 1000.0]
     groups = np.repeat(np.arange(4), 40)
     h = RidgeHead(alphas=alphas, cv=4, scoring=scoring, n_components=n_components).fit(X, Y, groups=groups)

@@ -1,0 +1,189 @@
+"""Shared pieces of the spatial importers: tile cutting, normalisation, gene selection, atomic writes.
+
+Every importer produces the same thing: ``<out>/<name>.csv`` (the tile table:
+ID, path, slide, patient, x, y, one column per gene), the tiles under
+``<out>/tiles/<slide>/``, and ``<out>/<name>.json`` saying what was done
+(spots matched and dropped per slide, tiles padded, genes kept).  The table
+and sidecar are written last and atomically, so a failed import never
+leaves a table that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from featurize.errors import ImportDataError
+from featurize.images import large_images_allowed, to_rgb
+
+NORMALIZATIONS = ("lognorm", "cpm", "log1p", "raw")
+
+
+@dataclass
+class Slide:
+    """One section after matching spots to counts: everything needed to cut and tabulate it."""
+
+    name: str
+    patient: str | None
+    keys: list[str]  # spot keys, matched, in spot-file order
+    centers: np.ndarray  # (n, 2) pixel x, y in the image that will be cut
+    counts: pd.DataFrame  # (n, genes) raw counts, index = keys
+    image: Path | None = None
+    tile_px: float | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def match_spots(slide: str, spot_keys: Sequence[str], count_keys: Sequence[str], spot_file: Path,
+                count_file: Path, spot_side_must_match: bool = True) -> tuple[list[str], dict[str, Any]]:
+    """Keys present in both files (spot-file order); refuses when under half of either matches.
+
+    ``spot_side_must_match=False`` checks the count side only (Visium position
+    files list every spot of the capture area, not only those with counts).
+    """
+    spots, counts = list(map(str, spot_keys)), list(map(str, count_keys))
+    cset, sset = set(counts), set(spots)
+    matched = [k for k in spots if k in cset]
+    only_spots = [k for k in spots if k not in cset]
+    only_counts = [k for k in counts if k not in sset]
+    if (spot_side_must_match and len(matched) < 0.5 * len(spots)) or len(matched) < 0.5 * len(counts):
+        raise ImportDataError(
+            f"{spot_file} and {count_file}: only {len(matched)} of {len(spots)} spots and {len(counts)} count rows "
+            f"share a key (e.g. spot '{spots[0] if spots else '-'}' vs count row '{counts[0] if counts else '-'}'); "
+            "check that the files belong to the same section."
+        )
+    report = {"spots_in_spot_file": len(spots), "spots_in_counts": len(counts), "matched": len(matched),
+              "dropped_only_in_spot_file": len(only_spots), "dropped_only_in_counts": len(only_counts),
+              "first_dropped_keys": (only_spots + only_counts)[:5]}
+    return matched, report
+
+
+def normalize(counts: np.ndarray, mode: str) -> np.ndarray:
+    """``lognorm``: library size to 1e4 then log1p; ``cpm``: to 1e6 then log1p; ``log1p``; ``raw``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if mode == "raw":
+        return counts
+    if mode == "log1p":
+        return np.log1p(counts)
+    if mode not in ("lognorm", "cpm"):
+        raise ImportDataError(f"--normalize {mode}: choose one of {', '.join(NORMALIZATIONS)}.")
+    lib = counts.sum(1, keepdims=True)
+    lib[lib == 0] = 1.0
+    return np.log1p(counts / lib * (1e4 if mode == "lognorm" else 1e6))
+
+
+def select_genes(slides: list[Slide], normalized: list[np.ndarray], genes: list[str], n_top: int | None,
+                 gene_list: Sequence[str] | None, min_spots: float) -> tuple[list[int], dict[str, Any]]:
+    """Columns to keep: shared genes expressed in enough spots, then a list or the N most variable.
+
+    "Most variable" = highest variance of the normalised values over all spots
+    of all slides (the criterion of the HisToGene / Hist2ST her2st benchmarks).
+    """
+    allc = np.concatenate([s.counts.to_numpy() for s in slides], 0)
+    frac = (allc > 0).mean(0)
+    expressed = frac >= min_spots
+    report: dict[str, Any] = {"shared_genes": len(genes), "dropped_rarely_expressed": int((~expressed).sum()),
+                              "min_spot_fraction": min_spots}
+    idx = np.flatnonzero(expressed)
+    if gene_list is not None:
+        pos = {g: i for i, g in enumerate(genes)}
+        missing = [g for g in gene_list if g not in pos]
+        report["gene_list_missing"] = missing[:20]
+        idx = np.array([pos[g] for g in gene_list if g in pos], dtype=int)
+        if len(idx) == 0:
+            raise ImportDataError(f"--gene-list: none of its {len(gene_list)} genes is shared by every slide.")
+    elif n_top is not None:
+        var = np.concatenate(normalized, 0)[:, idx].var(0)
+        order = np.argsort(-var, kind="stable")[:n_top]
+        idx = idx[np.sort(order)]
+    report["kept_genes"] = int(len(idx))
+    return [int(i) for i in idx], report
+
+
+def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]:
+    """Cut a ``tile_px`` square around every centre, pad with white at borders, resize to ``out_px``.
+
+    Returns the tiles' paths relative to ``out_dir`` and how many needed padding.
+    """
+    if slide.image is None or not Path(slide.image).is_file():
+        raise ImportDataError(f"slide {slide.name}: image {slide.image} not found; pass the full-resolution image.")
+    rel_dir = Path("tiles") / slide.name
+    (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
+    half = slide.tile_px / 2.0
+    try:
+        with large_images_allowed(), Image.open(slide.image) as im:
+            im.load()
+            img = to_rgb(im)
+    except OSError as exc:
+        raise ImportDataError(f"{slide.image}: cannot be read as an image ({exc}).") from exc
+    W, H = img.size
+    cx, cy = slide.centers[:, 0], slide.centers[:, 1]
+    outside = (cx < 0) | (cy < 0) | (cx >= W) | (cy >= H)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ImportDataError(
+            f"slide {slide.name}: spot '{slide.keys[i]}' centre ({cx[i]:.0f}, {cy[i]:.0f}) lies outside the "
+            f"{W}x{H} image {slide.image}; {int(outside.sum())} spots do (wrong image or coordinate scale?)."
+        )
+    paths, padded = [], 0
+    side = int(round(slide.tile_px))
+    for key, (x, y) in zip(slide.keys, slide.centers):
+        left, top = int(round(x - half)), int(round(y - half))
+        box = (left, top, left + side, top + side)
+        if left < 0 or top < 0 or box[2] > W or box[3] > H:
+            padded += 1
+            tile = Image.new("RGB", (side, side), (255, 255, 255))
+            src = img.crop((max(left, 0), max(top, 0), min(box[2], W), min(box[3], H)))
+            tile.paste(src, (max(0, -left), max(0, -top)))
+        else:
+            tile = img.crop(box)
+        if side != out_px:
+            tile = tile.resize((out_px, out_px), Image.Resampling.LANCZOS)
+        rel = rel_dir / f"{slide.name}_{key}.png"
+        tile.save(out_dir / rel)
+        paths.append(f"./{rel.as_posix()}")
+    return paths, padded
+
+
+def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, out_px: int = 224,
+                normalize_mode: str = "lognorm", n_genes: int | None = None, gene_list: Sequence[str] | None = None,
+                min_spots: float = 0.1, extra: dict[str, Any] | None = None) -> Path:
+    """Normalise, select genes, cut tiles and write the table + sidecar atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared = sorted(set.intersection(*(set(map(str, s.counts.columns)) for s in slides)))
+    if not shared:
+        raise ImportDataError("the slides share no gene; check that the count matrices use the same gene symbols.")
+    for s in slides:
+        s.counts.columns = s.counts.columns.astype(str)
+        s.counts = s.counts.loc[:, ~s.counts.columns.duplicated()][shared]
+    normalized = [normalize(s.counts.to_numpy(), normalize_mode) for s in slides]
+    cols, gene_report = select_genes(slides, normalized, shared, n_genes, gene_list, min_spots)
+    genes = [shared[i] for i in cols]
+    frames = []
+    for s, norm in zip(slides, normalized):
+        if s.report.get("pre_cut"):  # HEST patches, already written by the importer
+            paths, padded = [f"./tiles/{s.name}/{s.name}_{k}.png" for k in s.keys], 0
+        else:
+            paths, padded = cut_tiles(s, out_dir, out_px)
+        s.report["tiles_padded_at_border"] = padded
+        s.report["tile_px"] = s.tile_px
+        meta = pd.DataFrame({"ID": [f"{s.name}_{k}" for k in s.keys], "path": paths, "slide": s.name,
+                             "patient": s.patient if s.patient is not None else s.name,
+                             "x": s.centers[:, 0], "y": s.centers[:, 1]})
+        frames.append(pd.concat([meta, pd.DataFrame(norm[:, cols].astype(np.float32), columns=genes)], axis=1))
+    table = pd.concat(frames, ignore_index=True)
+    sidecar = {"table": f"{name}.csv", "normalize": normalize_mode, "out_px": out_px, "genes": gene_report,
+               "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
+    sidecar.update(extra or {})
+    final = out_dir / f"{name}.csv"
+    tmp = out_dir / f".{name}.csv.tmp-{os.getpid()}"
+    table.to_csv(tmp, index=False)
+    (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))
+    os.replace(tmp, final)
+    return final

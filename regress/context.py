@@ -1,0 +1,35 @@
+"""Spatial context: append the mean features of each tile's nearest neighbours.
+
+Expression varies smoothly over tissue, and a spot's neighbours show more of
+its micro-environment than the spot alone.  Neighbours are found by (x, y)
+within the same slide only; a tile's own features are not part of the mean.
+The same transform applies at prediction time, so test tables need x, y and
+the slide column too.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from featurize.errors import TableError
+
+
+def neighbour_features(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray | None, k: int,
+                       source: str = "table") -> np.ndarray:
+    """``[X, mean of the k nearest other tiles' X]`` (n x 2d); ``k=0`` returns X unchanged."""
+    if k <= 0:
+        return X
+    if xy is None:
+        raise TableError(f"{source}: --context needs x and y columns (tile centres) in the tile table.")
+    slides = np.zeros(len(X), dtype=int) if slides is None else np.asarray(slides)
+    out = np.empty_like(X)
+    for s in np.unique(slides):
+        idx = np.flatnonzero(slides == s)
+        if len(idx) == 1:
+            out[idx] = X[idx]
+            continue
+        kk = min(k, len(idx) - 1)
+        _, nn = cKDTree(xy[idx]).query(xy[idx], k=kk + 1)
+        nn = np.asarray(nn).reshape(len(idx), kk + 1)[:, 1:]  # drop the tile itself
+        out[idx] = X[idx][nn].mean(axis=1)
+    return np.concatenate([X, out], axis=1)

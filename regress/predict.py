@@ -1,0 +1,128 @@
+"""Predict a test table with a finished run or stack and write the submission CSV.
+
+Test tiles are embedded with exactly the training caches' settings (backbone
+spec, weights by sha256, TTA, dtype; checked by comparing cache keys) when
+their cache is missing.  The CSV has ``ID`` plus the genes in the training
+order, or in the column order of ``--template``; rows follow the test table.
+Nothing is written when genes, IDs or shapes disagree, or when a prediction
+is not finite; the file appears only once complete (temporary name, rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from featurize.cache import find_cache, read_cache
+from featurize.errors import CacheError, RunError, TableError
+from featurize.extract import embed
+from featurize.table import TileTable, read_table
+from regress.context import neighbour_features
+from regress.runs import Run, load_run
+
+
+def _is_stack(path: Path) -> bool:
+    return (Path(path) / "stack.json").is_file()
+
+
+def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size: int, log) -> np.ndarray:
+    """The run's feature matrix for the test table, embedding what is missing."""
+    blocks = []
+    for b in run.info["backbones"]:
+        name = b["backbone"]
+        key_train = b.get("key")
+        if b["weights_source"] == "external-file":
+            path = find_cache(test, name, cache_dir)
+        else:
+            weights = {name: b["weights_path"]} if b["weights_source"] == "file" else None
+            path = embed(test, [name], weights=weights, random_init=b["random_init"], tta=b["tta"], dtype=b["dtype"],
+                         cache_dir=cache_dir, device=device, batch_size=batch_size, progress=True)[0]
+        cache = read_cache(path, expect_ids=None)
+        key_test = json.loads(cache.attrs["key_json"])
+        if key_train is not None:
+            a = {k: v for k, v in key_train.items() if k != "table_fingerprint"}
+            t = {k: v for k, v in key_test.items() if k != "table_fingerprint"}
+            if b["weights_source"] != "external-file" and a != t:
+                raise CacheError(f"{path}: test features were made with other settings than the training cache "
+                                 f"{b['cache']} (backbone, weights, TTA or dtype differ); re-embed with the run's settings.")
+        pos = {k: i for i, k in enumerate(cache.ids)}
+        missing = [i for i in test.ids if i not in pos]
+        if missing:
+            raise CacheError(f"{path}: no features for {len(missing)} test tiles (first: {missing[:3]}); "
+                             "embed without --skip-bad or fix those images.")
+        blocks.append(cache.features[[pos[i] for i in test.ids]])
+        log(f"[predict] {name}: {path}")
+    X = np.concatenate(blocks, axis=1)
+    return neighbour_features(X, test.xy, test.slides, int(run.info.get("context", 0)), str(test.source))
+
+
+def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cache_dir="cache",
+                  template: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 64,
+                  log=print) -> pd.DataFrame:
+    """Predictions for every tile of ``data`` as a DataFrame (ID + genes)."""
+    model_path = Path(model_path)
+    if _is_stack(model_path):
+        from regress.stack import load_stack
+
+        info, stack, runs = load_stack(model_path)
+        genes = list(info["genes"])
+    else:
+        run = load_run(model_path)
+        runs, stack, genes = [run], None, run.genes
+    test = read_table(data)
+    train_path = Path(runs[0].info["table"]["path"])
+    if train_path.is_file():
+        train = read_table(train_path, check_files=False)
+        overlap = np.intersect1d(train.ids, test.ids)
+        if len(overlap):
+            raise TableError(f"{test.source}: {len(overlap)} IDs also appear in the training table {train_path} "
+                             f"(first: {overlap[:3].tolist()}); test IDs must be new tiles.")
+    preds = []
+    for run in runs:
+        X = _features_for(run, test, cache_dir, device, batch_size, log)
+        preds.append(np.asarray(run.model().predict(X), dtype=np.float64).reshape(len(test), -1))
+    P = stack.predict(preds) if stack is not None else preds[0]
+    if P.shape != (len(test), len(genes)):
+        raise RunError(f"{model_path}: predictions have shape {P.shape}, expected {(len(test), len(genes))}.")
+    if not np.isfinite(P).all():
+        raise RunError(f"{model_path}: the model produced NaN or inf; refusing to write a submission.")
+    df = pd.concat([pd.DataFrame({"ID": test.ids}), pd.DataFrame(P.astype(np.float32), columns=genes)], axis=1)
+    if template is not None:
+        df = _apply_template(df, Path(template), genes, test)
+    return df
+
+
+def _apply_template(df: pd.DataFrame, template: Path, genes: Sequence[str], test: TileTable) -> pd.DataFrame:
+    if not template.is_file():
+        raise TableError(f"--template {template}: file not found.")
+    cols = list(pd.read_csv(template, nrows=0).columns)
+    if not cols or cols[0] != "ID":
+        raise TableError(f"--template {template}: first column must be ID.")
+    tgenes = cols[1:]
+    if set(tgenes) != set(genes):
+        extra = sorted(set(tgenes) - set(genes))[:3]
+        miss = sorted(set(genes) - set(tgenes))[:3]
+        raise TableError(f"--template {template}: gene columns differ from training (template only: {extra}, "
+                         f"training only: {miss}); use the template made for this gene set.")
+    tids = pd.read_csv(template, usecols=["ID"], dtype={"ID": str})["ID"].to_numpy()
+    if len(tids) and set(tids) != set(test.ids):
+        raise TableError(f"--template {template}: its {len(tids)} IDs are not the {len(test.ids)} IDs of {test.source}.")
+    return df[["ID", *tgenes]]
+
+
+def write_submission(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file renamed into place when complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

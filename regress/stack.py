@@ -1,0 +1,170 @@
+"""Blend several (backbone, head) runs per gene from their out-of-fold predictions only.
+
+Default: per-gene non-negative weights summing to one, the least-squares fit
+of the measured values on the runs' OOF predictions.  With R runs and
+:math:`G_j = P_j^\\top P_j`, :math:`c_j = P_j^\\top y_j` (R x R and R per gene),
+minimising :math:`\\|P_j w - y_j\\|^2` is ``nnls`` on the Cholesky factor
+:math:`L_j^\\top w \\approx L_j^{-1} c_j`, with one heavily weighted row forcing
+:math:`\\sum w = 1`.  Option ``ridge``: per-gene ridge on the R predictions
+with an intercept.
+
+The stack's own score is cross-fitted: its weights for a fold are learned on
+the other folds' rows only.
+
+Stack folder contract (``STACK_FORMAT`` 1), ``<runs_dir>/<name>/``:
+``stack.json`` (format, run folders, method, metrics summary, genes),
+``metrics.json``, ``oof.h5`` (as a run's), ``stack.joblib`` (the fitted
+:class:`Stack` refit on all rows).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import joblib
+import numpy as np
+from scipy.optimize import nnls
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from featurize import __version__
+from featurize.errors import RunError, UsageError
+from featurize.table import read_table
+from regress.metrics import evaluate, evaluate_by_fold
+from regress.runs import Run, load_run, write_run
+
+STACK_FORMAT = 1
+
+
+class Stack(BaseEstimator):
+    """Per-gene blend of R prediction matrices (each n x g)."""
+
+    def __init__(self, method: str = "nnls", alpha: float = 1.0):
+        self.method = method
+        self.alpha = alpha
+
+    def fit(self, preds: Sequence[np.ndarray], Y: np.ndarray) -> "Stack":
+        P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])  # R x n x g
+        Y = np.asarray(Y, dtype=np.float64)
+        R, n, g = P.shape
+        if self.method == "nnls":
+            G = np.einsum("rnj,snj->jrs", P, P)
+            c = np.einsum("rnj,nj->jr", P, Y)
+            W = np.zeros((R, g))
+            for j in range(g):
+                Gj = G[j] + 1e-9 * (np.trace(G[j]) / R + 1e-12) * np.eye(R)
+                L = np.linalg.cholesky(Gj)
+                big = np.sqrt(1e3 * np.trace(Gj) / R + 1e-12)
+                A = np.vstack([L.T, np.full((1, R), big)])
+                b = np.concatenate([np.linalg.solve(L, c[j]), [big]])
+                w, _ = nnls(A, b)
+                W[:, j] = w / w.sum() if w.sum() > 0 else np.full(R, 1.0 / R)
+            self.weights_ = W
+            self.intercept_ = np.zeros(g)
+        elif self.method == "ridge":
+            pm, ym = P.mean(1), Y.mean(0)
+            Pc = P - pm[:, None, :]
+            G = np.einsum("rnj,snj->jrs", Pc, Pc) + self.alpha * np.eye(R)[None]
+            c = np.einsum("rnj,nj->jr", Pc, Y - ym)
+            W = np.linalg.solve(G, c[..., None])[..., 0].T  # R x g
+            self.weights_ = W
+            self.intercept_ = ym - (W * pm).sum(0)
+        else:
+            raise UsageError(f"stack method must be 'nnls' or 'ridge', got {self.method!r}.")
+        self.n_runs_ = R
+        return self
+
+    def predict(self, preds: Sequence[np.ndarray]) -> np.ndarray:
+        check_is_fitted(self, "weights_")
+        P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])
+        if P.shape[0] != self.n_runs_:
+            raise UsageError(f"stack was fitted on {self.n_runs_} runs, got {P.shape[0]} predictions.")
+        return np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
+
+
+@dataclass
+class StackResult:
+    path: Path
+    metrics: dict
+    oof: np.ndarray
+    summary: list[dict]
+
+
+def _check_runs(runs: list[Run]) -> tuple[np.ndarray, list[str], np.ndarray, list[np.ndarray]]:
+    ids0, oof0, fold0 = runs[0].oof()
+    genes = runs[0].genes
+    oofs = [oof0]
+    for r in runs[1:]:
+        ids, oof, fold = r.oof()
+        if r.info["table"]["fingerprint"] != runs[0].info["table"]["fingerprint"]:
+            raise RunError(f"{r.path}: fitted on another tile table than {runs[0].path}; stack runs of one table.")
+        if r.genes != genes:
+            raise RunError(f"{r.path}: genes differ from {runs[0].path}; stack runs of one gene set.")
+        if not np.array_equal(ids, ids0) or not np.array_equal(fold, fold0):
+            raise RunError(f"{r.path}: rows or CV folds differ from {runs[0].path}; refit with the same --folds, "
+                           "--groups and --seed so the stack can be cross-fitted.")
+        oofs.append(oof)
+    return ids0, genes, fold0, oofs
+
+
+def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
+               method: str = "nnls", alpha: float = 1.0, log=print) -> StackResult:
+    """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it."""
+    if len(run_paths) < 2:
+        raise UsageError("stack needs at least two runs (--run A --run B, or --all).")
+    runs = [load_run(p) for p in run_paths]
+    ids, genes, fold, oofs = _check_runs(runs)
+    table = read_table(runs[0].info["table"]["path"], check_files=False)
+    if table.fingerprint() != runs[0].info["table"]["fingerprint"]:
+        raise RunError(f"{table.source}: the tile table changed since {runs[0].path} was fitted; refit the runs.")
+    pos = {k: i for i, k in enumerate(table.ids)}
+    Y = table.Y[[pos[k] for k in ids]]
+    stacked = np.zeros_like(oofs[0], dtype=np.float64)
+    for f in np.unique(fold):
+        tr, va = fold != f, fold == f
+        st = Stack(method, alpha).fit([o[tr] for o in oofs], Y[tr])
+        stacked[va] = st.predict([o[va] for o in oofs])
+    final = Stack(method, alpha).fit(oofs, Y)
+
+    def score(P):
+        m = evaluate(Y, P, genes)
+        m.update(evaluate_by_fold(Y, P, fold))
+        return m
+
+    metrics = score(stacked)
+    summary = []
+    for r, o in zip(runs, oofs):
+        m = score(o)
+        summary.append({"run": str(r.path), "pcc_gene_by_fold": m["pcc_gene_mean_by_fold"], "pcc_gene_pooled": m["pcc_gene_mean"]})
+    avg = score(np.mean(oofs, 0))
+    summary.append({"run": "plain average", "pcc_gene_by_fold": avg["pcc_gene_mean_by_fold"], "pcc_gene_pooled": avg["pcc_gene_mean"]})
+    summary.append({"run": f"stack ({method}, cross-fitted)", "pcc_gene_by_fold": metrics["pcc_gene_mean_by_fold"],
+                    "pcc_gene_pooled": metrics["pcc_gene_mean"]})
+    out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table.name}"
+    info = {"format": STACK_FORMAT, "kind": "stack", "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
+            "method": method, "alpha": alpha, "table": runs[0].info["table"], "genes": genes, "summary": summary,
+            "random_init": any(r.info.get("random_init") for r in runs),
+            "backbones": [b for r in runs for b in r.info["backbones"]],
+            "mean_weights": final.weights_.mean(1).tolist()}
+    path = write_run(out, info, metrics, ids, genes, stacked.astype(np.float32), fold, final,
+                     info_name="stack.json", model_name="stack.joblib")
+    for row in summary:
+        log(f"{row['run']}: PCC/gene by fold {row['pcc_gene_by_fold']:.4f}, pooled {row['pcc_gene_pooled']:.4f}")
+    return StackResult(path, metrics, stacked, summary)
+
+
+def load_stack(path: str | os.PathLike) -> tuple[dict, Stack, list[Run]]:
+    """(stack.json, fitted Stack, its runs) of a stack folder."""
+    path = Path(path)
+    try:
+        info = json.loads((path / "stack.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path}: not a finished stack folder ({exc}); rerun `python cli.py stack`.") from exc
+    if info.get("format") != STACK_FORMAT:
+        raise RunError(f"{path}: stack format {info.get('format')!r} is not {STACK_FORMAT}; restack with this version.")
+    return info, joblib.load(path / "stack.joblib"), [load_run(p) for p in info["runs"]]
