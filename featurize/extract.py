@@ -176,6 +176,8 @@ def embed(
             job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim)
             stack.callback(job.writer.close)
             job.start = job.writer.open()
+            if job.start:
+                print(f"[embed] {job.spec.name}: resuming at row {job.start} of {len(table)}", file=sys.stderr)
             if job.weights.random_init:
                 print(f"[embed] {job.spec.name}: RANDOM-INIT weights (asked for); recorded in the cache.", file=sys.stderr)
         n = len(table)

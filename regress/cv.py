@@ -34,6 +34,18 @@ def make_splits(n: int, cv: Any, groups=None, seed: int = 0) -> list[tuple[np.nd
     return [(a, b) for a, b in KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros((n, 1)))]
 
 
+def inner_groups(groups):
+    """Groups for a head's inner CV: ``None`` (plain K-fold) when fewer than 2 remain.
+
+    In leave-one-group-out over two slides, each training part holds one slide:
+    the inner alpha search then splits tiles, as it must; heads record it in
+    ``inner_cv_grouped_``.
+    """
+    if groups is None or len(np.unique(np.asarray(groups))) < 2:
+        return None
+    return groups
+
+
 def cross_val_predict_groups(estimator, X: np.ndarray, Y: np.ndarray, splits: Iterable,
                              groups=None, on_fold: Callable[[int, float], None] | None = None) -> np.ndarray:
     """Out-of-fold predictions; each fold's model is a fresh clone fitted on its train rows.

@@ -28,7 +28,7 @@ from scipy.sparse.linalg import eigsh
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from regress.cv import make_splits
+from regress.cv import inner_groups, make_splits
 from regress.ridge import _best_alpha_index, _pooled_scores
 from featurize.errors import UsageError
 
@@ -140,6 +140,8 @@ class PLSHead(RegressorMixin, BaseEstimator):
         grid = [min(k, d, n - 1) for k in grid]
         grid = sorted(set(grid))
         if len(grid) > 1:
+            groups = inner_groups(groups)
+            self.inner_cv_grouped_ = groups is not None
             splits = make_splits(n, self.cv, groups, self.random_state)
             scores = self._cv_scores(X, Y, splits, grid)
             self.cv_scores_ = scores

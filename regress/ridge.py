@@ -34,7 +34,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from regress.backend import get_backend
-from regress.cv import make_splits
+from regress.cv import inner_groups, make_splits
 from featurize.errors import UsageError
 
 #: 13 log-spaced values; features are standardised, so alphas are on the scale of n.
@@ -126,6 +126,8 @@ class RidgeHead(RegressorMixin, BaseEstimator):
             if self.cv == "gcv":
                 scores = self._gcv_scores(be, Xc, Ys, alphas, k)
             else:
+                groups = inner_groups(groups)
+                self.inner_cv_grouped_ = groups is not None
                 splits = make_splits(n, self.cv, groups, self.random_state)
                 scores = self._kfold_scores(be, Xc, Ys, Xc32, Ys32, G, C, sx, sy, splits, alphas, k)
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
