@@ -6,7 +6,6 @@ the file, row or flag at fault), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

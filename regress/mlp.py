@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from featurize.device import resolve_device
-from featurize.errors import UsageError
+from regress.base import MultiOutputHead
 
 
-class MLPHead(RegressorMixin, BaseEstimator):
+class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """Torch MLP regressor for many genes at once.
 
     Parameters
@@ -35,6 +35,8 @@ class MLPHead(RegressorMixin, BaseEstimator):
     device : "cpu" or "cuda"
     random_state : int
     """
+
+    _head_name = "the MLP head"
 
     def __init__(self, hidden: int = 512, dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-2,
                  max_epochs: int = 200, patience: int = 10, batch_size: int = 256, val_fraction: float = 0.15,
@@ -58,13 +60,8 @@ class MLPHead(RegressorMixin, BaseEstimator):
     def fit(self, X, y, groups=None):
         import torch
 
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=[np.float32, np.float64])
-        self._y_1d = y.ndim == 1
-        Y = (y.reshape(-1, 1) if y.ndim == 1 else y).astype(np.float32)
-        X = X.astype(np.float32)
+        X, Y = self._validate_fit(X, y, dtype=np.float32)
         n, d = X.shape
-        if n < 2:
-            raise UsageError("the MLP head needs at least 2 samples, got n_samples = 1.")
         dev = resolve_device(self.device)
         rng = np.random.default_rng(self.random_state)
         torch.manual_seed(self.random_state)
@@ -113,7 +110,7 @@ class MLPHead(RegressorMixin, BaseEstimator):
         import torch
 
         check_is_fitted(self, "state_")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32]).astype(np.float64)
+        X = self._validate_predict(X)
         net = self._net(X.shape[1], self.n_targets_)
         net.load_state_dict(self.state_)
         net.double().eval()  # float64 inference: a row's prediction does not depend on its batch
@@ -122,11 +119,6 @@ class MLPHead(RegressorMixin, BaseEstimator):
         out = (out * self.y_std_ + self.y_mean_).astype(np.float64)
         return out[:, 0] if self._y_1d else out
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        tags.non_deterministic = False
-        return tags
 
 
 def _inner_split(n: int, groups, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import eigsh
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
+from regress.base import MultiOutputHead
 from regress.cv import inner_groups, make_splits
 from regress.ridge import _best_alpha_index, _pooled_scores
 from featurize.errors import UsageError
@@ -101,7 +102,7 @@ def _moments(X: np.ndarray, rows=None):
     return X.mean(axis=0), X.std(axis=0, ddof=1)
 
 
-class PLSHead(RegressorMixin, BaseEstimator):
+class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """Partial least squares to many genes; components chosen by (grouped) CV.
 
     Parameters
@@ -117,6 +118,8 @@ class PLSHead(RegressorMixin, BaseEstimator):
         Standardise features and genes (scikit-learn's default).
     """
 
+    _head_name = "PLS"
+
     def __init__(self, n_components: Any = DEFAULT_COMPONENTS, per_target: bool = True, cv: Any = 5,
                  scoring: str = "mse", scale: bool = True, random_state: int = 0):
         self.n_components = n_components
@@ -127,13 +130,8 @@ class PLSHead(RegressorMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y, groups=None):
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32])
-        self._y_1d = y.ndim == 1
-        Y = (y.reshape(-1, 1) if y.ndim == 1 else y).astype(np.float64)
-        X = X.astype(np.float64)
+        X, Y = self._validate_fit(X, y)
         n, d = X.shape
-        if n < 2:
-            raise UsageError("PLS needs at least 2 samples, got n_samples = 1.")
         grid = sorted({int(k) for k in np.atleast_1d(self.n_components)})
         if grid[0] < 1:
             raise UsageError(f"n_components must be >= 1, got {self.n_components}.")
@@ -211,11 +209,4 @@ class PLSHead(RegressorMixin, BaseEstimator):
 
     def predict(self, X):
         check_is_fitted(self, "coef_")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        coef = np.asarray(self.coef_)
-        return X @ coef.T + self.intercept_ if coef.ndim == 2 else X @ coef + self.intercept_
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
+        return self._linear_predict(self._validate_predict(X))

@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from regress.backend import get_backend
+from regress.base import MultiOutputHead
 from regress.cv import inner_groups, make_splits
 from featurize.errors import UsageError
 
@@ -46,7 +47,7 @@ def hest_alpha(n_features: int, n_targets: int) -> float:
     return 100.0 / (n_features * n_targets)
 
 
-class RidgeHead(RegressorMixin, BaseEstimator):
+class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """Ridge regression to many genes with alpha chosen by CV, per gene or shared.
 
     Parameters
@@ -74,6 +75,8 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         Seed of the (ungrouped) K-fold shuffle.
     """
 
+    _head_name = "ridge"
+
     def __init__(self, alphas=DEFAULT_ALPHAS, alpha_per_target: bool = True, cv: Any = 5, scoring: str = "mse",
                  standardize: bool = True, n_components: int | None = None, fit_intercept: bool = True,
                  device: str = "cpu", random_state: int = 0):
@@ -89,11 +92,9 @@ class RidgeHead(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, groups=None):
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=[np.float64, np.float32])
         if self.scoring not in ("mse", "pcc"):
             raise UsageError(f"scoring must be 'mse' or 'pcc', got {self.scoring!r}.")
-        self._y_1d = y.ndim == 1
-        Y = y.reshape(-1, 1) if y.ndim == 1 else y
+        X, Y = self._validate_fit(X, y)
         n, d = X.shape
         be = get_backend(self.device)
         xp = be.xp
@@ -244,14 +245,7 @@ class RidgeHead(RegressorMixin, BaseEstimator):
     # -------------------------------------------------------------- predict
     def predict(self, X):
         check_is_fitted(self, "coef_")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        coef = np.asarray(self.coef_, dtype=np.float64)
-        return X @ coef.T + self.intercept_ if coef.ndim == 2 else X @ coef + self.intercept_
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
+        return self._linear_predict(self._validate_predict(X))
 
 
 def _decompose(be, G, sx, n, standardize: bool, k: int):

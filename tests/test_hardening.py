@@ -1,6 +1,5 @@
 """Faults: SIGKILL mid-embed, concurrent writers, disk full, interrupted fit; fuzzing the loaders."""
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -1,0 +1,119 @@
+"""Head speed and memory on features shaped like the reference task.
+
+6,992 training rows x 1,536 features -> 3,467 genes (plus 1,748 held-out
+rows), synthetic with a rank-32 signal, seed 0.  Each method runs in its own
+subprocess (so peak RSS is its own), side by side in one invocation:
+
+* hexpress ``RidgeHead`` (13 alphas, alpha per gene, 5-fold CV) vs
+  scikit-learn ``RidgeCV(alphas, alpha_per_target=True)`` (its efficient LOO);
+* hexpress ``PLSHead(n_components=16)`` vs scikit-learn ``PLSRegression(16)``.
+
+Reported: fit seconds, held-out mean PCC per gene, peak RSS, and for PLS the
+largest relative difference between the two predictions.  Usage:
+
+    python bench/heads.py [--json bench/out/heads.json] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N, N_TEST, D, G, RANK = 6992, 1748, 1536, 3467, 32
+ALPHAS = np.logspace(-1, 5, 13)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((N + N_TEST, RANK))
+    X = (Z @ rng.standard_normal((RANK, D)) + rng.standard_normal((N + N_TEST, D))).astype(np.float32)
+    Y = (0.3 * Z @ rng.standard_normal((RANK, G)) + rng.standard_normal((N + N_TEST, G))).astype(np.float32)
+    return X[:N], Y[:N], X[N:], Y[N:]
+
+
+def estimator(method: str, device: str):
+    if method == "hexpress_ridge":
+        from regress.ridge import RidgeHead
+
+        return RidgeHead(alphas=ALPHAS, cv=5, device=device)
+    if method == "sklearn_ridgecv":
+        from sklearn.linear_model import RidgeCV
+
+        return RidgeCV(alphas=ALPHAS, alpha_per_target=True)
+    if method == "hexpress_pls":
+        from regress.pls import PLSHead
+
+        return PLSHead(n_components=16)
+    if method == "sklearn_pls":
+        from sklearn.cross_decomposition import PLSRegression
+
+        return PLSRegression(16)
+    raise SystemExit(f"unknown method {method}")
+
+
+def one(method: str, device: str, pred_file: str) -> None:
+    from regress.metrics import pcc_per_gene
+
+    X, Y, Xt, Yt = data()
+    est = estimator(method, device)
+    t0 = time.perf_counter()
+    est.fit(X, Y)
+    fit_s = time.perf_counter() - t0
+    P = est.predict(Xt)
+    np.save(pred_file, P.astype(np.float32))
+    print(json.dumps({"method": method, "fit_s": round(fit_s, 2), "heldout_pcc": round(float(np.nanmean(pcc_per_gene(Yt, P))), 4),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--pred", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--methods", default="hexpress_ridge,sklearn_ridgecv,hexpress_pls,sklearn_pls")
+    args = ap.parse_args()
+    if args.one:
+        return one(args.one, args.device, args.pred)
+    tmp = Path(tempfile.mkdtemp(prefix="hexpress-heads-"))
+    rows = []
+    base = subprocess.run([sys.executable, "-c", "import numpy, sklearn"], capture_output=True)
+    assert base.returncode == 0
+    for m in args.methods.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", m, "--pred", str(tmp / f"{m}.npy"), "--device", args.device],
+                             capture_output=True, text=True, env=os.environ.copy())
+        if out.returncode != 0:
+            raise SystemExit(out.stderr)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    by = {r["method"]: r for r in rows}
+    summary = {}
+    if "hexpress_ridge" in by and "sklearn_ridgecv" in by:
+        summary["ridge_speedup"] = round(by["sklearn_ridgecv"]["fit_s"] / by["hexpress_ridge"]["fit_s"], 2)
+    if "hexpress_pls" in by and "sklearn_pls" in by:
+        a, b = np.load(tmp / "hexpress_pls.npy"), np.load(tmp / "sklearn_pls.npy")
+        summary["pls_speedup"] = round(by["sklearn_pls"]["fit_s"] / by["hexpress_pls"]["fit_s"], 2)
+        summary["pls_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
+    import torch
+
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+            "shape": f"{N} x {D} -> {G} genes, rank-{RANK} signal, seed 0; {N_TEST} held-out rows"}
+    print(json.dumps({"summary": summary, "meta": meta}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "meta": meta}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
