@@ -69,7 +69,7 @@ def main() -> None:
     print(f"table: {len(table)} tiles, {len(table.genes)} genes, import {time.perf_counter() - t0:.0f}s", flush=True)
 
     t1 = time.perf_counter()
-    base = embed(table, ["efficientnet_lite0"], cache_dir=cache_dir, progress=False)[0]
+    base, mnv2 = embed(table, ["efficientnet_lite0", "mobilenetv2"], cache_dir=cache_dir, progress=False)
     tta = [] if args.no_tta else embed(table, ["efficientnet_lite0", "mobilenetv2"], tta=8, cache_dir=cache_dir,
                                        progress=False)
     print(f"embedding {time.perf_counter() - t1:.0f}s", flush=True)
@@ -114,9 +114,11 @@ def main() -> None:
         return res.path
 
     run_paths = [ours("hexpress ridge", [base])]
+    run_paths.append(ours("hexpress ridge, mobilenetv2", [mnv2]))
     ours("hexpress ridge-pcc", [base], head="ridge-pcc")
     ours("hexpress pls", [base], head="pls")
     run_paths.append(ours("hexpress ridge + context 6", [base], context=6))
+    run_paths.append(ours("hexpress ridge + context 6, + mobilenetv2", [base, mnv2], context=6))
     if tta:
         run_paths.append(ours("hexpress ridge + context 6, TTA 8", [tta[0]], context=6))
         run_paths.append(ours("hexpress ridge + context 6, TTA 8, + mobilenetv2", tta, context=6))

@@ -49,6 +49,13 @@ class TileDataset:
         return i, {k: resize_uint8(img, k) for k in self.keys}, None
 
 
+def _worker_init(_: int) -> None:
+    """Decoding workers use one thread each: the cores belong to the forward pass."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def collate(items):
     """Stack good tiles per key; keep the indices and errors of bad ones."""
     import torch
@@ -189,7 +196,7 @@ def embed(
             num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
         loader = DataLoader(
             Subset(dataset, range(start, n)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            collate_fn=collate, pin_memory=dev.type == "cuda", persistent_workers=False,
+            collate_fn=collate, pin_memory=dev.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
             prefetch_factor=4 if num_workers else None,
         )
         skipped: list[tuple[int, str]] = []

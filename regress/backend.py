@@ -37,9 +37,14 @@ class Backend:
 
 
 def get_backend(device: str = "cpu") -> Backend:
-    """``cpu`` -> numpy (fastest BLAS here); ``cuda``/``auto`` -> torch on the GPU when present."""
+    """``cpu`` -> numpy (fastest BLAS here); ``cuda``/``auto`` -> torch on the GPU when present;
+    ``torch-cpu`` -> the torch code path on the CPU (how tests check the GPU path without a GPU)."""
     if device == "cpu":
         return Backend(array_namespace(np.zeros(1)), None)
+    if device == "torch-cpu":
+        import torch
+
+        return Backend(array_namespace(torch.zeros(1)), torch.device("cpu"))
     dev = resolve_device(device)
     if dev.type == "cpu":
         return Backend(array_namespace(np.zeros(1)), None)

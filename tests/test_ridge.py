@@ -135,3 +135,16 @@ def test_cuda_without_gpu_raises():
     X, Y = _data()
     with pytest.raises(DeviceError):
         RidgeHead(device="cuda").fit(X, Y)
+
+
+@pytest.mark.parametrize("cv", [4, "gcv"])
+@pytest.mark.parametrize("d", [24, 300])
+def test_torch_path_equals_numpy_path(cv, d):
+    """The torch code path (what --device cuda runs) gives the numpy path's results."""
+    X, Y = _data(d=d)
+    groups = np.repeat(np.arange(4), 40)
+    a = RidgeHead(cv=cv).fit(X, Y, groups=groups)
+    b = RidgeHead(cv=cv, device="torch-cpu").fit(X, Y, groups=groups)
+    np.testing.assert_allclose(a.cv_scores_, b.cv_scores_, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(a.alpha_, b.alpha_)
+    assert _rel(b.predict(X), a.predict(X)) < 1e-4

@@ -68,3 +68,12 @@ def test_group_column_detected(syn_table):
     t = read_table(syn_table)
     assert t.group_col == "slide" and len(set(t.groups)) == 4
     assert t.xy.shape == (48, 2)
+
+
+def test_parquet_table(syn_table, tmp_path):
+    import shutil
+
+    shutil.copytree(syn_table.parent / "train", tmp_path / "train")
+    pd.read_csv(syn_table).to_parquet(tmp_path / "train.parquet")
+    t = read_table(tmp_path / "train.parquet")
+    assert len(t) == 48 and t.genes == read_table(syn_table).genes
