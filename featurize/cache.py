@@ -259,7 +259,10 @@ def list_caches(cache_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]
         try:
             out.append((p, read_attrs(p)))
         except CacheError as exc:
-            out.append((p, str(exc)))
+            if p.name.endswith(".partial"):  # HDF5 locks a file while embed writes it
+                out.append((p, "partial cache: being written now, or interrupted (rerun embed to resume)"))
+            else:
+                out.append((p, str(exc)))
     return out
 
 

@@ -22,13 +22,12 @@ import numpy as np
 from featurize.backbones import BackboneSpec, get_spec
 from featurize.cache import CacheKey, CacheWriter, cache_path, lock_path, read_attrs
 from featurize.device import resolve_device
-from featurize.errors import CacheError, ImageError
+from featurize.errors import CacheError, ImageError, UsageError
 from featurize.images import load_rgb
 from featurize.lock import file_lock
 from featurize.table import TileTable, read_table
 from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
 from featurize.weights import ResolvedWeights, create_backbone, extract, resolve_weights
-from featurize.errors import UsageError
 
 
 class TileDataset:
