@@ -223,25 +223,29 @@ def _open(path: Path) -> h5py.File:
         raise CacheError(f"{path}: not a readable HDF5 file (truncated or foreign: {exc}); delete it and rerun embed.") from exc
 
 
+def _checked_attrs(fh: h5py.File, path: Path) -> dict[str, Any]:
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
+    if attrs.get("hexpress_format") != FORMAT_VERSION or "features" not in fh or "ids" not in fh:
+        raise CacheError(f"{path}: not a hexpress cache (format {attrs.get('hexpress_format')!r}); delete it or rerun embed.")
+    attrs["n_rows"], attrs["dim"] = fh["features"].shape
+    attrs["n_valid"] = int(fh["valid"][()].sum()) if "valid" in fh else attrs["n_rows"]
+    return attrs
+
+
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """Attributes of a cache file, validated as a hexpress cache."""
     path = Path(path)
     with _open(path) as fh:
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
-        if attrs.get("hexpress_format") != FORMAT_VERSION or "features" not in fh or "ids" not in fh:
-            raise CacheError(f"{path}: not a hexpress cache (format {attrs.get('hexpress_format')!r}); delete it or rerun embed.")
-        attrs["n_rows"], attrs["dim"] = fh["features"].shape
-        attrs["n_valid"] = int(fh["valid"][()].sum()) if "valid" in fh else attrs["n_rows"]
-    return attrs
+        return _checked_attrs(fh, path)
 
 
 def read_cache(path: str | os.PathLike, expect_ids: np.ndarray | None = None) -> EmbeddingCache:
-    """Load a complete cache; refuses incomplete files and (optionally) other IDs."""
+    """Load a complete cache (one open of the file); refuses incomplete files and (optionally) other IDs."""
     path = Path(path)
-    attrs = read_attrs(path)
-    if not attrs.get("complete") or path.name.endswith(".partial"):
-        raise CacheError(f"{path}: cache is incomplete ({attrs.get('rows_done')} of {attrs['n_rows']} rows); rerun embed to finish it.")
     with _open(path) as fh:
+        attrs = _checked_attrs(fh, path)
+        if not attrs.get("complete") or path.name.endswith(".partial"):
+            raise CacheError(f"{path}: cache is incomplete ({attrs.get('rows_done')} of {attrs['n_rows']} rows); rerun embed to finish it.")
         ids = fh["ids"].asstr()[()]
         feats = fh["features"][()].astype(np.float32)
         valid = fh["valid"][()] if "valid" in fh else np.ones(len(ids), bool)

@@ -160,7 +160,6 @@ def embed(
         key = CacheKey(table.name, table_fp, spec, w, tta, dtype)
         jobs.append(_Job(spec, w, key, cache_path(cache_dir, key)))
 
-    done: list[Path] = []
     with ExitStack() as stack:
         todo: list[_Job] = []
         for job in jobs:
@@ -169,7 +168,6 @@ def embed(
                 try:
                     if read_attrs(job.final).get("complete"):
                         print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
-                        done.append(job.final)
                         continue
                 except CacheError:
                     pass
@@ -233,5 +231,5 @@ def embed(
                 report.write_text("".join(f"{table.ids[i]}\t{table.paths[i]}\t{e}\n" for i, e in skipped))
             print(f"[embed] skipped {len(skipped)} unreadable tiles (--skip-bad); list next to each cache (*.skipped.txt).", file=sys.stderr)
         for job in todo:
-            done.append(job.writer.finalize())
+            job.writer.finalize()
     return [j.final for j in jobs]

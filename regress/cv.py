@@ -60,7 +60,7 @@ def cross_val_predict_groups(estimator, X: np.ndarray, Y: np.ndarray, splits: It
         t0 = time.perf_counter()
         est = clone(estimator)
         kwargs = {}
-        if groups is not None and _accepts_groups(est):
+        if groups is not None and accepts_groups(est):
             kwargs["groups"] = np.asarray(groups)[train]
         est.fit(X[train], Y[train], **kwargs)
         oof[val] = est.predict(X[val])
@@ -69,7 +69,7 @@ def cross_val_predict_groups(estimator, X: np.ndarray, Y: np.ndarray, splits: It
     return oof
 
 
-def _accepts_groups(est) -> bool:
+def accepts_groups(est) -> bool:
     import inspect
 
     return "groups" in inspect.signature(est.fit).parameters

@@ -98,7 +98,7 @@ def kernel_pls(C: np.ndarray, S: np.ndarray, n_components: int) -> tuple[np.ndar
     return R, Q, W.shape[1]
 
 
-def _moments(X: np.ndarray, rows=None):
+def _moments(X: np.ndarray):
     return X.mean(axis=0), X.std(axis=0, ddof=1)
 
 

@@ -115,7 +115,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         Xc = be.asarray(X - x_mean, "float64")
         Ys = be.asarray((Y - (y_mean if self.fit_intercept else 0.0)) / y_std, "float64")
         Xc32, Ys32 = be.astype(Xc, "float32"), be.astype(Ys, "float32")
-        G = Xc.T @ Xc
+        G = Xc.T @ Xc if n >= d else None  # with n < d every decomposition is the n x n dual
         C = Xc32.T @ Ys32
         sx = xp.sum(Xc, axis=0)
         sy = xp.sum(Ys, axis=0)

@@ -36,7 +36,7 @@ from featurize.cache import load_features
 from featurize.errors import RunError, TableError
 from featurize.table import TileTable, read_table
 from regress.context import neighbour_features
-from regress.cv import cross_val_predict_groups, make_splits
+from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
 from regress.heads import make_head
 from regress.metrics import evaluate, evaluate_by_fold
 
@@ -121,8 +121,8 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     metrics = evaluate(td.Y, oof, td.table.genes)
     metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
     t1 = time.perf_counter()
-    kwargs = {"groups": groups} if groups is not None and head not in ("mean",) else {}
-    model = make_head(head, device, seed).fit(td.X, td.Y, **kwargs)
+    model = make_head(head, device, seed)
+    model.fit(td.X, td.Y, **({"groups": groups} if groups is not None and accepts_groups(model) else {}))
     refit_seconds = time.perf_counter() - t1
     bb_names = [c["backbone"] for c in td.caches]
     ctx = f"-ctx{context}" if context else ""

@@ -68,6 +68,12 @@ def test_kfold_scores_equal_brute_force(scoring, n_components, d):
     assert np.all(h.alpha_ == np.asarray(alphas)[np.argmax(h.cv_scores_, axis=0)])
 
 
+def _loo_neg_mse(X, Ys, alpha):
+    loo = np.array([Ridge(alpha=alpha).fit(np.delete(X, i, 0), np.delete(Ys, i, 0)).predict(X[i:i + 1])[0]
+                    for i in range(len(X))])
+    return -((loo - Ys) ** 2).mean(0)
+
+
 def test_gcv_equals_brute_force_leave_one_out():
     """GCV standardises with full-data statistics; brute force does the same, then refits n times."""
     X, Y = _data(n=60, d=10, g=4)
@@ -76,9 +82,7 @@ def test_gcv_equals_brute_force_leave_one_out():
     Xs = StandardScaler().fit_transform(X)
     Ys = (Y - Y.mean(0)) / Y.std(0)
     for a, alpha in enumerate(alphas):
-        loo = np.array([Ridge(alpha=alpha).fit(np.delete(Xs, i, 0), np.delete(Ys, i, 0)).predict(Xs[i:i + 1])[0]
-                        for i in range(len(X))])
-        np.testing.assert_allclose(h.cv_scores_[a], -((loo - Ys) ** 2).mean(0), rtol=1e-4)
+        np.testing.assert_allclose(h.cv_scores_[a], _loo_neg_mse(Xs, Ys, alpha), rtol=1e-4)
 
 
 def test_gcv_exact_without_standardisation():
@@ -87,9 +91,7 @@ def test_gcv_exact_without_standardisation():
     h = RidgeHead(alphas=alphas, cv="gcv", standardize=False).fit(X, Y)
     Ys = (Y - Y.mean(0)) / Y.std(0)
     for a, alpha in enumerate(alphas):
-        loo = np.array([Ridge(alpha=alpha).fit(np.delete(X, i, 0), np.delete(Ys, i, 0)).predict(X[i:i + 1])[0]
-                        for i in range(len(X))])
-        np.testing.assert_allclose(h.cv_scores_[a], -((loo - Ys) ** 2).mean(0), rtol=1e-4)
+        np.testing.assert_allclose(h.cv_scores_[a], _loo_neg_mse(X, Ys, alpha), rtol=1e-4)
 
 
 def test_masked_update_equals_argmax_and_shared_alpha():
