@@ -8,10 +8,12 @@ subprocess (so peak RSS is its own), side by side in one invocation:
   scikit-learn ``RidgeCV(alphas, alpha_per_target=True)`` (its efficient LOO);
 * hexpress ``PLSHead(n_components=16)`` vs scikit-learn ``PLSRegression(16)``.
 
-Reported: fit seconds, held-out mean PCC per gene, peak RSS, and for PLS the
-largest relative difference between the two predictions.  Usage:
+Reported: fit seconds (the median over ``--repeat`` runs, each a fresh
+process, interleaved so that machine noise hits both sides alike), held-out
+mean PCC per gene, peak RSS, and for PLS the largest relative difference
+between the two predictions.  Usage:
 
-    python bench/heads.py [--json bench/out/heads.json] [--device cpu|cuda]
+    python bench/heads.py [--json bench/out/heads.json] [--device cpu|cuda] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -84,20 +86,30 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--methods", default="hexpress_ridge,sklearn_ridgecv,hexpress_pls,sklearn_pls")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method; fit seconds is their median")
     args = ap.parse_args()
     if args.one:
         return one(args.one, args.device, args.pred)
     tmp = Path(tempfile.mkdtemp(prefix="hexpress-heads-"))
     rows = []
-    base = subprocess.run([sys.executable, "-c", "import numpy, sklearn"], capture_output=True)
+    base = subprocess.run([sys.executable, "-c", "import numpy, sklearn"], capture_output=True, check=False)
     assert base.returncode == 0
-    for m in args.methods.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", m, "--pred", str(tmp / f"{m}.npy"), "--device", args.device],
-                             capture_output=True, text=True, env=os.environ.copy())
-        if out.returncode != 0:
-            raise SystemExit(out.stderr)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.repeat):
+        for m in methods:
+            out = subprocess.run([sys.executable, __file__, "--one", m, "--pred", str(tmp / f"{m}.npy"), "--device", args.device],
+                                 capture_output=True, text=True, env=os.environ.copy(), check=False)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr)
+            runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[m][-1]), flush=True)
+    for m in methods:
+        row = dict(runs[m][-1])
+        row["fit_s_runs"] = [r["fit_s"] for r in runs[m]]
+        row["fit_s"] = round(float(np.median(row["fit_s_runs"])), 2)
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs[m])
+        rows.append(row)
     by = {r["method"]: r for r in rows}
     summary = {}
     if "hexpress_ridge" in by and "sklearn_ridgecv" in by:
@@ -110,6 +122,8 @@ def main() -> None:
 
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
             "shape": f"{N} x {D} -> {G} genes, rank-{RANK} signal, seed 0; {N_TEST} held-out rows"}
+    for row in rows:
+        print(json.dumps(row))
     print(json.dumps({"summary": summary, "meta": meta}))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "meta": meta}, indent=2))

@@ -17,26 +17,34 @@ the top ``k`` eigenpairs (the PCA scores are :math:`X_s V_k`).
 
 Scores are pooled over the out-of-fold rows from running sums
 (:math:`\sum \hat y, \sum \hat y^2, \sum \hat y y` per alpha and gene), so
-nothing of size n x genes x alphas is ever held.  The per-gene alpha is the
-masked best-score update ``better = score_a > best; best[better] = ...``.
+nothing of size n x genes x alphas is ever held.  None of them forms
+:math:`\hat Y_\alpha`: with :math:`A = X^{val}_s V`, the first two are
+:math:`w_\alpha^\top` times :math:`(A^\top 1) \circ B` and
+:math:`(A^\top Y^{val}) \circ B`, and :math:`\sum \hat y^2` follows from a
+partial-fraction identity (:class:`_SumSq`), so a fold costs a fixed number
+of products whatever the grid.  The per-gene alpha is the masked best-score
+update ``better = score_a > best; best[better] = ...``.
 
-Fold Gram matrices are downdates of the full one (:math:`G_{train} = G -
-X_{val}^\top X_{val}`), so each fold costs one ``eigh`` and products of
-validation size.  ``cv="gcv"`` instead scores exact leave-one-out residuals
-:math:`(y_i - \hat y_i)/(1 - h_{ii})` from the full-data decomposition.
+Rows are laid out fold by fold, so each validation part is a slice; the full
+Gram and :math:`X^\top Y` are sums of the parts', and fold Gram matrices are
+downdates (:math:`G_{train} = G - X_{val}^\top X_{val}`): each fold costs one
+``eigh`` and products of validation size.  ``cv="gcv"`` instead scores exact
+leave-one-out residuals :math:`(y_i - \hat y_i)/(1 - h_{ii})` from the
+full-data decomposition.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
+from featurize.errors import UsageError
 from regress.backend import get_backend
 from regress.base import MultiOutputHead
 from regress.cv import inner_groups, make_splits
-from featurize.errors import UsageError
 
 #: 13 log-spaced values; features are standardised, so alphas are on the scale of n.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
@@ -94,7 +102,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     def fit(self, X, y, groups=None):
         if self.scoring not in ("mse", "pcc"):
             raise UsageError(f"scoring must be 'mse' or 'pcc', got {self.scoring!r}.")
-        X, Y = self._validate_fit(X, y)
+        X, Y = self._validate_fit(X, y, dtype=None)
         n, d = X.shape
         be = get_backend(self.device)
         xp = be.xp
@@ -105,44 +113,65 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         self.n_components_ = k
         alphas = self._alpha_grid(k, Y.shape[1])
 
-        # global centring (for numerical safety of the downdates) and gene scaling
+        kfold = len(alphas) > 1 and self.cv != "gcv"
+        order = None
+        if kfold:
+            groups = inner_groups(groups)
+            self.inner_cv_grouped_ = groups is not None
+            splits, order = _contiguous_folds(make_splits(n, self.cv, groups, self.random_state), n)
+
+        # global centring (for numerical safety of the downdates) and gene scaling; with
+        # K-fold the rows are laid out fold by fold, so every validation part is a view
         center = self.fit_intercept or self.standardize or self.n_components is not None
-        x_mean = X.mean(axis=0) if center else np.zeros(d)
-        y_mean = Y.mean(axis=0)
-        y_std = Y.std(axis=0)
+        x_mean = X.mean(axis=0, dtype=np.float64) if center else np.zeros(d)
+        y_mean, y_std = _column_mean_std(Y)
         self.constant_targets_ = np.flatnonzero(y_std <= 1e-12 * np.maximum(1.0, np.abs(y_mean)))
         y_std = np.where(y_std > 1e-12 * np.maximum(1.0, np.abs(y_mean)), y_std, 1.0)
-        Xc = be.asarray(X - x_mean, "float64")
-        Ys = be.asarray((Y - (y_mean if self.fit_intercept else 0.0)) / y_std, "float64")
-        Xc32, Ys32 = be.astype(Xc, "float32"), be.astype(Ys, "float32")
-        G = Xc.T @ Xc if n >= d else None  # with n < d every decomposition is the n x n dual
-        C = Xc32.T @ Ys32
+        Xc = np.empty((n, d))
+        np.subtract(X if order is None else X[order], x_mean, out=Xc)
+        Xc = be.asarray(Xc, "float64")
+        Ys32 = be.asarray(_standardized(Y, y_mean if self.fit_intercept else np.zeros_like(y_mean), y_std, order))
         sx = xp.sum(Xc, axis=0)
-        sy = xp.sum(Ys, axis=0)
+        sy = xp.sum(Ys32, axis=0, dtype=xp.float64)
+
+        if kfold:
+            pieces = [_fold_piece(be, Xc, Ys32, val, gram=n >= d) for _, val in splits]
+        if kfold and order is not None:  # the parts tile the rows: X'X and X'Y are sums of the parts'
+            G = _sum([p.G for p in pieces]) if n >= d else None
+            C = _sum([p.C for p in pieces])
+        else:
+            G = Xc.T @ Xc if n >= d else None  # with n < d every decomposition is the n x n dual
+            C = be.astype(Xc, "float32").T @ Ys32
+
+        def final_decomposition():
+            if n < d:
+                return _decompose_dual(be, Xc, self.standardize, k)
+            return _decompose(be, G, sx, n, self.standardize, k)
 
         if len(alphas) == 1:
             best = np.zeros(Y.shape[1], dtype=int)
             self.cv_scores_ = None
+            lam, V, scale = final_decomposition()
         else:
-            if self.cv == "gcv":
-                scores = self._gcv_scores(be, Xc, Ys, alphas, k)
+            if kfold:
+                fold_sums = [self._fold_sums(be, Xc, sx, sy, C, piece,
+                                             self._fold_decomposition(be, Xc, sx, G, train, piece, k), alphas)
+                             for (train, _), piece in zip(splits, pieces)]
+                scores = _pooled_scores(*(sum(parts) for parts in zip(*fold_sums)), self.scoring)
+                lam, V, scale = final_decomposition()
             else:
-                groups = inner_groups(groups)
-                self.inner_cv_grouped_ = groups is not None
-                splits = make_splits(n, self.cv, groups, self.random_state)
-                scores = self._kfold_scores(be, Xc, Ys, Xc32, Ys32, G, C, sx, sy, splits, alphas, k)
+                scores = self._gcv_scores(be, Xc, Ys32, G, alphas, k)
+                lam, V, scale = final_decomposition()
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
             best = _best_alpha_index(scores, self.alpha_per_target)
 
         self.alpha_ = np.asarray(alphas)[best]
-        if n < d:
-            lam, V, scale = _decompose_dual(be, Xc, self.standardize, k)
-        else:
-            lam, V, scale = _decompose(be, G, sx, n, self.standardize, k)
         B = V.T @ (C / be.astype(scale, "float32")[:, None])
         alpha_t = be.asarray(self.alpha_, "float32")
         coef_s = V @ (B / (be.astype(lam, "float32")[:, None] + alpha_t[None, :]))
-        coef = be.to_numpy(coef_s).astype(np.float64) / be.to_numpy(scale)[:, None] * y_std[None, :]
+        coef = be.to_numpy(coef_s).astype(np.float64)
+        coef /= be.to_numpy(scale)[:, None]
+        coef *= y_std[None, :]
         self.coef_ = coef.T if not self._y_1d else coef[:, 0]
         intercept = (y_mean if self.fit_intercept else np.zeros_like(y_mean)) - x_mean @ coef
         self.intercept_ = intercept if not self._y_1d else float(intercept[0])
@@ -161,62 +190,62 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             raise UsageError("alphas must be a non-empty list of non-negative numbers.")
         return alphas
 
-    def _kfold_scores(self, be, Xc, Ys, Xc32, Ys32, G, C, sx, sy, splits, alphas, k) -> np.ndarray:
-        xp = be.xp
-        g = Ys.shape[1]
-        na = len(alphas)
-        S_p = np.zeros((na, g))
-        S_pp = np.zeros((na, g))
-        S_py = np.zeros((na, g))
-        S_y = np.zeros(g)
-        S_yy = np.zeros(g)
-        n_tot = 0
-        for train, val in splits:
-            vi = be.asarray(val, "int64")
-            Xv = xp.take(Xc, vi, axis=0)
-            Yv32 = xp.take(Ys32, vi, axis=0)
-            n_tr = len(train)
-            sx_tr = sx - xp.sum(Xv, axis=0)
-            sy_tr = sy - xp.sum(xp.take(Ys, vi, axis=0), axis=0)
-            mu = sx_tr / n_tr
-            muy = be.astype(sy_tr / n_tr, "float32")
-            if n_tr < Xc.shape[1]:  # fewer rows than features: decompose the n x n Gram instead
-                lam, V, scale = _decompose_dual(be, xp.take(Xc, be.asarray(train, "int64"), axis=0), self.standardize, k)
-            else:
-                lam, V, scale = _decompose(be, G - Xv.T @ Xv, sx_tr, n_tr, self.standardize, k)
-            C_tr = C - be.astype(Xv, "float32").T @ Yv32
-            C_c = C_tr - be.astype(mu, "float32")[:, None] * be.astype(sy_tr, "float32")[None, :]
-            scale32 = be.astype(scale, "float32")
-            B = V.T @ (C_c / scale32[:, None])
-            A = (be.astype(Xv - mu[None, :], "float32") / scale32[None, :]) @ V
-            lam32 = be.astype(lam, "float32")
-            # sum(P*Y) and sum(P) need no P: they are diagonal-weighted sums of
-            # (A'Y_val) * B and (1'A) * B; only sum(P^2) needs P itself.
-            AtY_B = (A.T @ Yv32) * B
-            A1_B = xp.sum(A, axis=0)[:, None] * B
-            sy_v = xp.sum(Yv32, axis=0)
-            for a, alpha in enumerate(alphas):
-                w = 1.0 / (lam32 + alpha)
-                P = (A * w[None, :]) @ B
-                p1 = w @ A1_B
-                S_py[a] += be.to_numpy(w @ AtY_B + (muy * sy_v if self.fit_intercept else 0.0))
-                pp = xp.sum(P * P, axis=0)
-                if self.fit_intercept:  # P + muy, expanded
-                    pp = pp + 2.0 * muy * p1 + len(val) * muy * muy
-                    p1 = p1 + len(val) * muy
-                S_p[a] += be.to_numpy(p1)
-                S_pp[a] += be.to_numpy(pp)
-            S_y += be.to_numpy(sy_v)
-            S_yy += be.to_numpy(xp.sum(Yv32 * Yv32, axis=0))
-            n_tot += len(val)
-        return _pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n_tot, self.scoring)
+    def _fold_decomposition(self, be, Xc, sx, G, train, piece, k):
+        """The training part's decomposition: a downdate of the full Gram, or the dual when n < d."""
+        n, d = Xc.shape
+        n_tr = n - piece.Y.shape[0]
+        if n_tr < d:  # fewer rows than features: decompose the n x n Gram instead
+            return _decompose_dual(be, be.xp.take(Xc, be.asarray(train, "int64"), axis=0), self.standardize, k)
+        return _decompose(be, G - piece.G, sx - piece.sx, n_tr, self.standardize, k)
 
-    def _gcv_scores(self, be, Xc, Ys, alphas, k) -> np.ndarray:
+    def _fold_sums(self, be, Xc, sx, sy, C, piece, decomposition, alphas):
+        """One fold's running sums (sum p, sum p^2, sum p*y per alpha and gene; sum y, sum y^2).
+
+        Genes go in blocks of ``_GENE_BLOCK``: the temporaries stay a few MB
+        (fresh large arrays cost page faults) and memory does not grow with genes.
+        """
+        xp = be.xp
+        n = Xc.shape[0]
+        n_v = piece.Y.shape[0]
+        n_tr = n - n_v
+        sx_tr = sx - piece.sx
+        sy_tr = sy - piece.sy
+        mu = sx_tr / n_tr
+        muy = be.astype(sy_tr / n_tr, "float32")
+        lam, V, scale = decomposition
+        scale32 = be.astype(scale, "float32")
+        mu32, sy_tr32 = be.astype(mu, "float32"), be.astype(sy_tr, "float32")
+        Xv = Xc[piece.val] if isinstance(piece.val, slice) else xp.take(Xc, piece.val, axis=0)
+        A = (be.astype(Xv - mu[None, :], "float32") / scale32[None, :]) @ V
+        a1 = xp.sum(A, axis=0)
+        W = 1.0 / (lam[None, :] + be.asarray(alphas, "float64")[:, None])  # (n_alphas, k)
+        W32 = be.astype(W, "float32")
+        sum_sq = _SumSq(be, A, lam, W, max(alphas))
+        parts = []
+        for j in range(0, C.shape[1], _GENE_BLOCK):
+            J = slice(j, j + _GENE_BLOCK)
+            B = V.T @ (((C[:, J] - piece.C[:, J]) - mu32[:, None] * sy_tr32[None, J]) / scale32[:, None])
+            # sum(P) and sum(P*Y) need no P: weighted sums of (1'A) * B and (A'Y_val) * B;
+            # sum(P^2) neither (see _SumSq)
+            p1 = W32 @ (a1[:, None] * B)
+            py = W32 @ ((A.T @ piece.Y[:, J]) * B)
+            pp = sum_sq(B)
+            if self.fit_intercept:  # P + muy, expanded
+                m = muy[None, J]
+                py = py + m * piece.sy32[None, J]
+                pp = pp + 2.0 * m * p1 + n_v * m * m
+                p1 = p1 + n_v * m
+            parts.append([be.to_numpy(t).astype(np.float64) for t in (p1, pp, py)])
+        p1, pp, py = (np.concatenate(cols, axis=1) for cols in zip(*parts))
+        return p1, pp, py, be.to_numpy(piece.sy).astype(np.float64), be.to_numpy(piece.syy).astype(np.float64), n_v
+
+    def _gcv_scores(self, be, Xc, Ys32, G, alphas, k) -> np.ndarray:
         """Exact leave-one-out scores from one decomposition of the full data."""
         xp = be.xp
         n = Xc.shape[0]
+        Ys = be.astype(Ys32, "float64")
         sx = xp.sum(Xc, axis=0)
-        lam, V, scale = _decompose(be, Xc.T @ Xc, sx, n, self.standardize, k)
+        lam, V, scale = _decompose(be, Xc.T @ Xc if G is None else G, sx, n, self.standardize, k)
         keep = lam > 1e-10 * float(be.to_numpy(xp.max(lam)))
         keep_np = be.to_numpy(keep)
         idx = be.asarray(np.flatnonzero(keep_np), "int64")
@@ -248,6 +277,179 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         return self._linear_predict(self._validate_predict(X))
 
 
+#: genes per block in the fold loop (a 1,536 x 512 float64 block is 6 MB)
+_GENE_BLOCK = 512
+
+
+def _column_mean_std(Y: np.ndarray, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation in float64, a block of rows at a time
+    (no float64 copy of a float32 gene table)."""
+    mean = Y.sum(axis=0, dtype=np.float64) / Y.shape[0]
+    ss = np.zeros(Y.shape[1])
+    for i in range(0, Y.shape[0], rows):
+        dev = Y[i:i + rows] - mean
+        ss += np.einsum("ij,ij->j", dev, dev)
+    return mean, np.sqrt(ss / Y.shape[0])
+
+
+def _standardized(Y: np.ndarray, mean: np.ndarray, std: np.ndarray, order=None, rows: int = 256) -> np.ndarray:
+    """``((Y[order] - mean) / std)`` as float32, computed in float64 a block of rows at a time."""
+    out = np.empty(Y.shape, dtype=np.float32)
+    for i in range(0, Y.shape[0], rows):
+        blk = Y[i:i + rows] if order is None else Y[order[i:i + rows]]
+        out[i:i + rows] = (blk - mean) / std
+    return out
+
+
+def _contiguous_folds(splits, n: int):
+    """Renumber rows so that the validation parts are consecutive slices.
+
+    Returns ``(splits, order)``: the splits with validation parts as slices of
+    the reordered rows and ``order`` (new row i is old row ``order[i]``), or the
+    splits as index arrays and ``order=None`` when the validation parts do not
+    tile the rows (overlapping custom splits).  Every training part must be the
+    rows outside its validation part: the fold Gram matrices are downdates.
+    """
+    for i, (train, val) in enumerate(splits):
+        if len(train) + len(val) != n or len(np.union1d(train, val)) != n:
+            raise UsageError(f"RidgeHead's CV split {i} is not 'train = all rows outside validation'; "
+                             "use K-fold style splits (cv=int or a KFold/GroupKFold splitter).")
+    order = np.concatenate([np.asarray(val) for _, val in splits])
+    if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
+        return splits, None
+    out, start = [], 0
+    for _, val in splits:
+        stop = start + len(val)
+        out.append((np.r_[0:start, stop:n], slice(start, stop)))
+        start = stop
+    return out, order
+
+
+@dataclass(frozen=True)
+class _FoldPiece:
+    """A validation part: its rows and targets, and its share of the full sums
+    (X'X or None, X'Y, column sums of X and Y, sum of Y^2)."""
+
+    val: Any
+    Y: Any
+    G: Any
+    C: Any
+    sx: Any
+    sy: Any
+    sy32: Any
+    syy: Any
+
+
+def _fold_piece(be, Xc, Ys32, val, gram: bool) -> _FoldPiece:
+    """``val`` is a slice (a view, no copy) or an index array."""
+    xp = be.xp
+    if isinstance(val, slice):
+        vi, Xv, Yv = val, Xc[val], Ys32[val]
+    else:
+        vi = be.asarray(val, "int64")
+        Xv, Yv = xp.take(Xc, vi, axis=0), xp.take(Ys32, vi, axis=0)
+    sy = xp.sum(Yv, axis=0, dtype=xp.float64)
+    return _FoldPiece(vi, Yv, Xv.T @ Xv if gram else None, be.astype(Xv, "float32").T @ Yv,
+                      xp.sum(Xv, axis=0), sy, be.astype(sy, "float32"), xp.sum(Yv * Yv, axis=0, dtype=xp.float64))
+
+
+def _sum(arrays):
+    total = arrays[0] + arrays[1] if len(arrays) > 1 else arrays[0]
+    for a in arrays[2:]:
+        total += a  # in place: no fresh array per addition
+    return total
+
+
+def _eig_clusters(lam: np.ndarray, alpha_max: float, rtol: float = 1e-9) -> np.ndarray:
+    """Labels of runs of (sorted) eigenvalues whose neighbours are closer than
+    ``rtol * (lam_max + alpha_max)``; across labels every gap is wider."""
+    if lam.size == 0:
+        return np.zeros(0, dtype=int)
+    tau = rtol * (float(np.max(lam)) + alpha_max)
+    return np.concatenate([[0], np.cumsum(np.abs(np.diff(lam)) > tau)])
+
+
+class _SumSq:
+    r"""Column sums of squares of :math:`P_\alpha = A\,\mathrm{diag}(w_\alpha)\,B` for every alpha,
+    without forming :math:`P_\alpha` (``W`` holds :math:`w_{\alpha k} = 1/(\lambda_k + \alpha)`).
+
+    With :math:`M = A^\top A`,
+    :math:`\sum_i P_{ij}^2 = \sum_{k,l} w_k w_l M_{kl} B_{kj} B_{lj}`, and for
+    :math:`\lambda_k \ne \lambda_l` the partial fraction
+    :math:`w_k w_l = (w_k - w_l)/(\lambda_l - \lambda_k)` turns the double
+    sum into :math:`2 \sum_k w_k B_{kj} D_{kj}` with
+    :math:`D = N B,\ N_{kl} = M_{kl}/(\lambda_l - \lambda_k)` (0 on the
+    diagonal): one product per fold instead of one per alpha.  Pairs of
+    (near-)equal eigenvalues would divide by ~0, so runs of them
+    (:func:`_eig_clusters`) keep the plain double sum, which is exact and
+    costs (run length)^2 per gene.  The partial fractions are evaluated in
+    float64: their rounding grows like :math:`(\lambda+\alpha)/\text{gap}
+    \le 10^9`.  ``method="direct"`` forms every :math:`P_\alpha` (the
+    reference; "auto" takes it when it costs fewer flops).
+    """
+
+    def __init__(self, be, A, lam, W, alpha_max: float, method: str = "auto"):
+        xp = be.xp
+        self.be, self.A, self.W = be, A, W
+        n_v, k = A.shape
+        na = W.shape[0]
+        labels = _eig_clusters(be.to_numpy(lam), alpha_max)
+        runs = [np.flatnonzero(labels == c) for c in np.flatnonzero(np.bincount(labels) > 1)] if k else []
+        spectral_cost = k * k + na * sum(len(r) ** 2 for r in runs)
+        self.direct = method == "direct" or (method == "auto" and spectral_cost >= na * n_v * k)
+        if self.direct:
+            self.W32 = be.astype(W, "float32")
+            return
+        M = be.astype(A.T @ A, "float64")
+        M = (M + M.T) / 2.0  # exactly symmetric: the pairing (k, l) <-> (l, k) relies on it
+        lam_np = be.to_numpy(lam).astype(np.float64)
+        diff = lam_np[None, :] - lam_np[:, None]  # [k, l] = lam_l - lam_k
+        np.fill_diagonal(diff, np.inf)  # N is 0 on the diagonal and inside runs
+        for r in runs:
+            diff[np.ix_(r, r)] = np.inf
+        self.N = M / be.asarray(diff, "float64")
+        self.diagM = xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M)
+        self.W2 = W * W
+        # runs of equal length are stacked: (n_runs, length) index, M blocks without diagonal, weights
+        self.runs = []
+        for length in sorted({len(r) for r in runs}):
+            idx_np = np.stack([r for r in runs if len(r) == length])
+            idx = be.asarray(idx_np, "int64")
+            Mr = be.asarray(be.to_numpy(M)[idx_np[:, :, None], idx_np[:, None, :]] * (1.0 - np.eye(length)), "float64")
+            Wr = be.asarray(be.to_numpy(W)[:, idx_np], "float64")  # (n_alphas, n_runs, length)
+            self.runs.append((idx, Mr, Wr))
+
+    def __call__(self, B):
+        be, xp = self.be, self.be.xp
+        if self.direct:
+            rows = []
+            for a in range(self.W32.shape[0]):
+                P = (self.A * self.W32[a][None, :]) @ B
+                rows.append(xp.sum(be.astype(P * P, "float64"), axis=0))
+            return xp.stack(rows)
+        B64 = be.astype(B, "float64")
+        pp = self.W2 @ (self.diagM[:, None] * B64 * B64) + 2.0 * (self.W @ (B64 * (self.N @ B64)))
+        for idx, Mr, Wr in self.runs:
+            Br = xp.take(B64, xp.reshape(idx, (-1,)), axis=0)
+            Br = xp.reshape(Br, (idx.shape[0], idx.shape[1], Br.shape[-1]))  # (n_runs, length, genes)
+            extra = []
+            for a in range(Wr.shape[0]):
+                Z = Wr[a][:, :, None] * Br
+                extra.append(xp.sum(Z * (Mr @ Z), axis=(0, 1)))
+            pp = pp + xp.stack(extra)
+        return pp
+
+
+def _eigh(be, S):
+    """Symmetric eigendecomposition, ascending; LAPACK's divide and conquer in place on numpy."""
+    if be.device is None:
+        import scipy.linalg
+
+        # S is symmetric: its transpose is the Fortran-ordered matrix LAPACK wants, without a copy
+        return scipy.linalg.eigh(S.T, driver="evd", overwrite_a=True, check_finite=False)
+    return be.xp.linalg.eigh(S)
+
+
 def _decompose(be, G, sx, n, standardize: bool, k: int):
     """Eigen-decomposition of the centred (scaled) Gram; top ``k`` pairs, descending."""
     xp = be.xp
@@ -257,10 +459,11 @@ def _decompose(be, G, sx, n, standardize: bool, k: int):
     if standardize:
         ok = var > 1e-12
         scale = xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
-        Gc = Gc / (scale[:, None] * scale[None, :])
+        Gc /= scale[:, None]  # in place: a fresh d x d array costs page faults
+        Gc /= scale[None, :]
     else:
         scale = xp.ones_like(var)
-    lam, V = xp.linalg.eigh(Gc)
+    lam, V = _eigh(be, Gc)
     d = lam.shape[0]
     order = be.asarray(np.arange(d - 1, d - 1 - k, -1), "int64")
     lam = xp.clip(xp.take(lam, order, axis=0), 0.0, None)

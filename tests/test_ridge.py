@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.decomposition import PCA
 
 from regress.cv import make_splits
 from regress.ridge import RidgeHead, _best_alpha_index
@@ -150,3 +150,60 @@ def test_torch_path_equals_numpy_path(cv, d):
     np.testing.assert_allclose(a.cv_scores_, b.cv_scores_, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(a.alpha_, b.alpha_)
     assert _rel(b.predict(X), a.predict(X)) < 1e-4
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
+def test_sum_of_squares_without_predictions_equals_forming_them(device):
+    """The partial-fraction sum of P_alpha^2 equals forming every P_alpha, with tied and
+    near-tied eigenvalues (runs) and a zero one in the spectrum."""
+    from regress.backend import get_backend
+    from regress.ridge import _SumSq
+
+    be = get_backend(device)
+    rng = np.random.default_rng(3)
+    lam = np.sort(rng.uniform(0, 500, 40))[::-1].copy()
+    lam[5:8] = lam[5]              # an exact triple
+    lam[12] = lam[11] * (1 + 1e-13)  # a near tie
+    lam[20:22] = lam[20]
+    lam[-3:] = 0.0                  # null directions
+    alphas = np.array([0.1, 3.0, 100.0, 1e4])
+    W = 1.0 / (lam[None, :] + alphas[:, None])
+    A = rng.standard_normal((30, 40)).astype(np.float32)
+    B = rng.standard_normal((40, 7)).astype(np.float32)
+    args = [be.asarray(A), be.asarray(lam, "float64"), be.asarray(W, "float64"), float(alphas.max())]
+    spectral = _SumSq(be, args[0], *args[1:], method="spectral")
+    assert not spectral.direct and [tuple(r[0].shape) for r in spectral.runs] == [(2, 2), (2, 3)]
+    got = be.to_numpy(spectral(be.asarray(B)))
+    direct = be.to_numpy(_SumSq(be, args[0], *args[1:], method="direct")(be.asarray(B)))
+    exact = np.stack([(((A.astype(float) * w) @ B.astype(float)) ** 2).sum(0) for w in W])
+    np.testing.assert_allclose(got, exact, rtol=1e-5)
+    np.testing.assert_allclose(direct, exact, rtol=1e-5)
+
+
+def test_ridge_cv_needs_complementary_splits():
+    from featurize.errors import UsageError
+
+    X, Y = _data()
+    bad = [(np.arange(0, 60), np.arange(100, 160)), (np.arange(60, 160), np.arange(0, 60))]
+    with pytest.raises(UsageError, match="split 0"):
+        RidgeHead(cv=bad).fit(X, Y)
+
+
+def test_overlapping_validation_parts_still_exact():
+    """Splits whose validation parts overlap (no row layout by fold) score like sklearn refits."""
+    X, Y = _data(n=90)
+    rng = np.random.default_rng(0)
+    splits = []
+    for _ in range(3):
+        val = np.sort(rng.choice(90, 30, replace=False))
+        splits.append((np.setdiff1d(np.arange(90), val), val))
+    alphas = [1.0, 100.0]
+    h = RidgeHead(alphas=alphas, cv=splits).fit(X, Y)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        se, cnt = 0.0, 0
+        for tr, va in splits:
+            p = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[tr], Ys[tr]).predict(X[va])
+            se = se + ((p - Ys[va]) ** 2).sum(0)
+            cnt += len(va)
+        np.testing.assert_allclose(h.cv_scores_[a], -se / cnt, rtol=1e-4)
