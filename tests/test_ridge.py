@@ -207,3 +207,21 @@ def test_overlapping_validation_parts_still_exact():
             se = se + ((p - Ys[va]) ** 2).sum(0)
             cnt += len(va)
         np.testing.assert_allclose(h.cv_scores_[a], -se / cnt, rtol=1e-4)
+
+
+def test_kfold_scores_exact_with_constant_and_duplicated_features():
+    """Constant and repeated columns give many zero (tied) eigenvalues; the fold scores stay exact."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 60))
+    X[:, 5] = 3.0
+    X[:, 9] = X[:, 8]
+    X[:, 10:20] = X[:, 20:30]
+    Y = X[:, :3] @ rng.standard_normal((3, 5)) + rng.standard_normal((300, 5))
+    alphas = [0.1, 10.0, 1000.0]
+    h = RidgeHead(alphas=alphas, cv=5).fit(X, Y)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        oof = np.zeros_like(Ys)
+        for tr, va in make_splits(len(X), 5, None, 0):
+            oof[va] = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[tr], Ys[tr]).predict(X[va])
+        np.testing.assert_allclose(h.cv_scores_[a], -((oof - Ys) ** 2).mean(0), rtol=1e-5)
