@@ -181,11 +181,9 @@ def cmd_stack(args) -> int:
 
     runs = list(args.run or [])
     if args.all:
-        from regress.runs import load_run
+        from regress.runs import runs_for_table
 
-        base = Path(args.runs_dir)
-        found = sorted(p for p in base.iterdir() if (p / "run.json").is_file()) if base.is_dir() else []
-        runs += [str(p) for p in found if load_run(p).info["table"]["path"] == str(Path(args.all).resolve())]
+        runs += [str(p) for p in runs_for_table(args.runs_dir, args.all)]
     res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=args.alpha)
     print(f"stack written to {res.path}")
     return 0

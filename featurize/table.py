@@ -17,6 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -186,3 +187,24 @@ def _gene_matrix(path: Path, df: pd.DataFrame, gene_cols: list, ids: np.ndarray)
             "targets must be finite numbers (fill or drop that row)."
         )
     return Y.astype(np.float32)
+
+
+def index_of(haystack: Sequence[str], needles: Sequence[str]) -> np.ndarray:
+    """Positions of ``needles`` in ``haystack`` (IDs; every needle must be present)."""
+    pos = {k: i for i, k in enumerate(haystack)}
+    return np.array([pos[k] for k in needles], dtype=int)
+
+
+def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike, **to_csv) -> Path:
+    """Write ``df`` to a temporary name beside ``out`` and rename it into place when
+    complete: a half-written CSV never carries the final name."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        df.to_csv(tmp, index=False, **to_csv)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

@@ -20,7 +20,7 @@ import pandas as pd
 from featurize.cache import find_cache, read_cache
 from featurize.errors import CacheError, RunError, TableError
 from featurize.extract import embed
-from featurize.table import TileTable, read_table
+from featurize.table import TileTable, index_of, read_table, write_csv_atomic
 from regress.context import neighbour_features
 from regress.runs import Run, load_run
 
@@ -49,12 +49,11 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
             if b["weights_source"] != "external-file" and a != t:
                 raise CacheError(f"{path}: test features were made with other settings than the training cache "
                                  f"{b['cache']} (backbone, weights, TTA or dtype differ); re-embed with the run's settings.")
-        pos = {k: i for i, k in enumerate(cache.ids)}
-        missing = [i for i in test.ids if i not in pos]
+        missing = sorted(set(test.ids) - set(cache.ids))
         if missing:
             raise CacheError(f"{path}: no features for {len(missing)} test tiles (first: {missing[:3]}); "
                              "embed without --skip-bad or fix those images.")
-        blocks.append(cache.features[[pos[i] for i in test.ids]])
+        blocks.append(cache.features[index_of(cache.ids, test.ids)])
         log(f"[predict] {name}: {path}")
     X = np.concatenate(blocks, axis=1)
     return neighbour_features(X, test.xy, test.slides, int(run.info.get("context", 0)), str(test.source))
@@ -116,13 +115,4 @@ def _apply_template(df: pd.DataFrame, template: Path, genes: Sequence[str], test
 
 def write_submission(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     """Write atomically: a temporary file renamed into place when complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return write_csv_atomic(df, out, float_format="%.6g")

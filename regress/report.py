@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import RunError
-from featurize.table import read_table
+from featurize.table import index_of, read_table
+from regress.runs import read_oof
 
 
 def _plt():
@@ -71,8 +72,6 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
 
 
 def _spatial_map(path: Path, info: dict, gene: str, slide: str | None, out: Path, plt) -> Path | None:
-    import h5py
-
     table_path = Path(info["table"]["path"])
     if not table_path.is_file():
         return None
@@ -81,10 +80,8 @@ def _spatial_map(path: Path, info: dict, gene: str, slide: str | None, out: Path
         return None
     if gene not in table.genes:
         raise RunError(f"--gene {gene}: not among the run's genes.")
-    with h5py.File(path / "oof.h5", "r") as fh:
-        ids, oof = fh["ids"].asstr()[()], fh["oof"][()]
-    pos = {k: i for i, k in enumerate(table.ids)}
-    rows = np.array([pos[k] for k in ids])
+    ids, oof, _ = read_oof(path)
+    rows = index_of(table.ids, ids)
     slides = table.slides[rows] if table.slides is not None else np.zeros(len(rows), dtype=str)
     pick = slide or max(set(slides), key=list(slides).count)
     m = slides == pick

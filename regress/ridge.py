@@ -139,31 +139,28 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         if kfold and order is not None:  # the parts tile the rows: X'X and X'Y are sums of the parts'
             G = _sum([p.G for p in pieces]) if n >= d else None
             C = _sum([p.C for p in pieces])
-        else:
+        else:  # one alpha, GCV, or overlapping validation parts
             G = Xc.T @ Xc if n >= d else None  # with n < d every decomposition is the n x n dual
             C = be.astype(Xc, "float32").T @ Ys32
-
-        def final_decomposition():
-            if n < d:
-                return _decompose_dual(be, Xc, self.standardize, k)
-            return _decompose(be, G, sx, n, self.standardize, k)
 
         if len(alphas) == 1:
             best = np.zeros(Y.shape[1], dtype=int)
             self.cv_scores_ = None
-            lam, V, scale = final_decomposition()
         else:
             if kfold:
                 fold_sums = [self._fold_sums(be, Xc, sx, sy, C, piece,
                                              self._fold_decomposition(be, Xc, sx, G, train, piece, k), alphas)
                              for (train, _), piece in zip(splits, pieces)]
                 scores = _pooled_scores(*(sum(parts) for parts in zip(*fold_sums)), self.scoring)
-                lam, V, scale = final_decomposition()
             else:
-                scores = self._gcv_scores(be, Xc, Ys32, G, alphas, k)
-                lam, V, scale = final_decomposition()
+                scores = self._gcv_scores(be, Xc, Ys32, G, sx, alphas, k)
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
             best = _best_alpha_index(scores, self.alpha_per_target)
+
+        if n < d:
+            lam, V, scale = _decompose_dual(be, Xc, self.standardize, k)
+        else:
+            lam, V, scale = _decompose(be, G, sx, n, self.standardize, k)
 
         self.alpha_ = np.asarray(alphas)[best]
         B = V.T @ (C / be.astype(scale, "float32")[:, None])
@@ -214,7 +211,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         muy = be.astype(sy_tr / n_tr, "float32")
         lam, V, scale = decomposition
         scale32 = be.astype(scale, "float32")
-        mu32, sy_tr32 = be.astype(mu, "float32"), be.astype(sy_tr, "float32")
+        mu32, sy_tr32, sy_v32 = (be.astype(v, "float32") for v in (mu, sy_tr, piece.sy))
         Xv = Xc[piece.val] if isinstance(piece.val, slice) else xp.take(Xc, piece.val, axis=0)
         A = (be.astype(Xv - mu[None, :], "float32") / scale32[None, :]) @ V
         a1 = xp.sum(A, axis=0)
@@ -232,19 +229,17 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             pp = sum_sq(B)
             if self.fit_intercept:  # P + muy, expanded
                 m = muy[None, J]
-                py = py + m * piece.sy32[None, J]
+                py = py + m * sy_v32[None, J]
                 pp = pp + 2.0 * m * p1 + n_v * m * m
                 p1 = p1 + n_v * m
             parts.append([be.to_numpy(t).astype(np.float64) for t in (p1, pp, py)])
         p1, pp, py = (np.concatenate(cols, axis=1) for cols in zip(*parts))
         return p1, pp, py, be.to_numpy(piece.sy).astype(np.float64), be.to_numpy(piece.syy).astype(np.float64), n_v
 
-    def _gcv_scores(self, be, Xc, Ys32, G, alphas, k) -> np.ndarray:
+    def _gcv_scores(self, be, Xc, Ys32, G, sx, alphas, k) -> np.ndarray:
         """Exact leave-one-out scores from one decomposition of the full data."""
         xp = be.xp
         n = Xc.shape[0]
-        Ys = be.astype(Ys32, "float64")
-        sx = xp.sum(Xc, axis=0)
         lam, V, scale = _decompose(be, Xc.T @ Xc if G is None else G, sx, n, self.standardize, k)
         keep = lam > 1e-10 * float(be.to_numpy(xp.max(lam)))
         keep_np = be.to_numpy(keep)
@@ -253,22 +248,20 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         V_k = xp.take(V, idx, axis=1)
         Xs = (Xc - sx[None, :] / n) / be.astype(scale, "float64")[None, :]
         U = (Xs @ be.astype(V_k, "float64")) / xp.sqrt(lam_k)[None, :]
-        Yc = Ys - xp.sum(Ys, axis=0)[None, :] / n if self.fit_intercept else Ys
-        U32, Yc32 = be.astype(U, "float32"), be.astype(Yc, "float32")
+        sy, syy = xp.sum(Ys32, axis=0, dtype=xp.float64), xp.sum(Ys32 * Ys32, axis=0, dtype=xp.float64)
+        Yc32 = Ys32 - be.astype(sy / n, "float32")[None, :] if self.fit_intercept else Ys32
+        U32 = be.astype(U, "float32")
         UtY = U32.T @ Yc32
         U2 = U * U
-        g = Ys.shape[1]
-        S_p, S_pp, S_py = (np.zeros((len(alphas), g)) for _ in range(3))
-        Y32 = be.astype(Ys, "float32")
-        sy, syy = xp.sum(Y32, axis=0), xp.sum(Y32 * Y32, axis=0)
+        S_p, S_pp, S_py = (np.zeros((len(alphas), Ys32.shape[1])) for _ in range(3))
         for a, alpha in enumerate(alphas):
             f = lam_k / (lam_k + alpha)
             h = U2 @ f + (1.0 / n if self.fit_intercept else 0.0)
             # leave-one-out prediction = y - (y - fit) / (1 - h)
-            loo = Y32 - (Yc32 - U32 @ (be.astype(f, "float32")[:, None] * UtY)) / be.astype(1.0 - h, "float32")[:, None]
+            loo = Ys32 - (Yc32 - U32 @ (be.astype(f, "float32")[:, None] * UtY)) / be.astype(1.0 - h, "float32")[:, None]
             S_p[a] = be.to_numpy(xp.sum(loo, axis=0))
             S_pp[a] = be.to_numpy(xp.sum(loo * loo, axis=0))
-            S_py[a] = be.to_numpy(xp.sum(loo * Y32, axis=0))
+            S_py[a] = be.to_numpy(xp.sum(loo * Ys32, axis=0))
         return _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring)
 
     # -------------------------------------------------------------- predict
@@ -336,7 +329,6 @@ class _FoldPiece:
     C: Any
     sx: Any
     sy: Any
-    sy32: Any
     syy: Any
 
 
@@ -348,9 +340,8 @@ def _fold_piece(be, Xc, Ys32, val, gram: bool) -> _FoldPiece:
     else:
         vi = be.asarray(val, "int64")
         Xv, Yv = xp.take(Xc, vi, axis=0), xp.take(Ys32, vi, axis=0)
-    sy = xp.sum(Yv, axis=0, dtype=xp.float64)
-    return _FoldPiece(vi, Yv, Xv.T @ Xv if gram else None, be.astype(Xv, "float32").T @ Yv,
-                      xp.sum(Xv, axis=0), sy, be.astype(sy, "float32"), xp.sum(Yv * Yv, axis=0, dtype=xp.float64))
+    return _FoldPiece(vi, Yv, Xv.T @ Xv if gram else None, be.astype(Xv, "float32").T @ Yv, xp.sum(Xv, axis=0),
+                      xp.sum(Yv, axis=0, dtype=xp.float64), xp.sum(Yv * Yv, axis=0, dtype=xp.float64))
 
 
 def _sum(arrays):
@@ -408,16 +399,16 @@ class _SumSq:
         for r in runs:
             diff[np.ix_(r, r)] = np.inf
         self.N = M / be.asarray(diff, "float64")
-        self.diagM = xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M)
+        self.diagM = _diagonal(xp, M)
         self.W2 = W * W
         # runs of equal length are stacked: (n_runs, length) index, M blocks without diagonal, weights
         self.runs = []
+        M_np, W_np = (be.to_numpy(M), be.to_numpy(W)) if runs else (None, None)
         for length in sorted({len(r) for r in runs}):
             idx_np = np.stack([r for r in runs if len(r) == length])
-            idx = be.asarray(idx_np, "int64")
-            Mr = be.asarray(be.to_numpy(M)[idx_np[:, :, None], idx_np[:, None, :]] * (1.0 - np.eye(length)), "float64")
-            Wr = be.asarray(be.to_numpy(W)[:, idx_np], "float64")  # (n_alphas, n_runs, length)
-            self.runs.append((idx, Mr, Wr))
+            Mr = M_np[idx_np[:, :, None], idx_np[:, None, :]] * (1.0 - np.eye(length))
+            Wr = W_np[:, idx_np]  # (n_alphas, n_runs, length)
+            self.runs.append((be.asarray(idx_np, "int64"), be.asarray(Mr, "float64"), be.asarray(Wr, "float64")))
 
     def __call__(self, B):
         be, xp = self.be, self.be.xp
@@ -440,6 +431,18 @@ class _SumSq:
         return pp
 
 
+def _diagonal(xp, M):
+    return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M)
+
+
+def _feature_scale(xp, var, standardize: bool):
+    """Per-feature standard deviation (1 for constant features), or ones without standardising."""
+    if not standardize:
+        return xp.ones_like(var)
+    ok = var > 1e-12
+    return xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
+
+
 def _eigh(be, S):
     """Symmetric eigendecomposition, ascending; LAPACK's divide and conquer in place on numpy."""
     if be.device is None:
@@ -455,14 +458,10 @@ def _decompose(be, G, sx, n, standardize: bool, k: int):
     xp = be.xp
     mu = sx / n
     Gc = G - n * (mu[:, None] * mu[None, :])
-    var = xp.linalg.diagonal(Gc) / n if hasattr(xp.linalg, "diagonal") else xp.diagonal(Gc) / n
+    scale = _feature_scale(xp, _diagonal(xp, Gc) / n, standardize)
     if standardize:
-        ok = var > 1e-12
-        scale = xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
         Gc /= scale[:, None]  # in place: a fresh d x d array costs page faults
         Gc /= scale[None, :]
-    else:
-        scale = xp.ones_like(var)
     lam, V = _eigh(be, Gc)
     d = lam.shape[0]
     order = be.asarray(np.arange(d - 1, d - 1 - k, -1), "int64")
@@ -483,13 +482,9 @@ def _decompose_dual(be, Xrows, standardize: bool, k: int):
     n = Xrows.shape[0]
     mu = xp.sum(Xrows, axis=0) / n
     Xr = Xrows - mu[None, :]
-    var = xp.sum(Xr * Xr, axis=0) / n
+    scale = _feature_scale(xp, xp.sum(Xr * Xr, axis=0) / n, standardize)
     if standardize:
-        ok = var > 1e-12
-        scale = xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
         Xr = Xr / scale[None, :]
-    else:
-        scale = xp.ones_like(var)
     lam, U = xp.linalg.eigh(Xr @ Xr.T)
     lam_np = be.to_numpy(lam)
     keep = np.flatnonzero(lam_np > 1e-10 * max(lam_np.max(), 1e-300))[::-1][:k]

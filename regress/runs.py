@@ -34,7 +34,7 @@ import numpy as np
 from featurize import __version__
 from featurize.cache import load_features
 from featurize.errors import RunError, TableError
-from featurize.table import TileTable, read_table
+from featurize.table import TileTable, index_of, read_table
 from regress.context import neighbour_features
 from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
 from regress.heads import make_head
@@ -79,16 +79,11 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
     present = set.intersection(*(set(c.ids) for c in feats))
     rows = np.array([i for i, k in enumerate(table.ids) if k in present], dtype=int)
     ids = table.ids[rows]
-    X = np.concatenate([c.features[_index_of(c.ids, ids)] for c in feats], axis=1)
+    X = np.concatenate([c.features[index_of(c.ids, ids)] for c in feats], axis=1)
     X = neighbour_features(X, table.xy[rows] if table.xy is not None else None,
                            table.slides[rows] if table.slides is not None else None, context, str(table.source))
     groups = table.groups[rows] if table.groups is not None else None
     return TrainingData(table, ids, X, table.Y[rows], groups, infos)
-
-
-def _index_of(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    pos = {k: i for i, k in enumerate(haystack)}
-    return np.array([pos[k] for k in needles])
 
 
 @dataclass
@@ -191,6 +186,12 @@ def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model, info_
     return final
 
 
+def read_oof(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, oof predictions, fold index) from a run's or a stack's ``oof.h5``."""
+    with h5py.File(Path(folder) / "oof.h5", "r") as fh:
+        return fh["ids"].asstr()[()], fh["oof"][()], fh["fold"][()]
+
+
 @dataclass
 class Run:
     """A finished run read back from disk."""
@@ -205,8 +206,7 @@ class Run:
 
     def oof(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, oof predictions, fold index)."""
-        with h5py.File(self.path / "oof.h5", "r") as fh:
-            return fh["ids"].asstr()[()], fh["oof"][()], fh["fold"][()]
+        return read_oof(self.path)
 
     def model(self):
         return joblib.load(self.path / "model.joblib")
@@ -230,3 +230,10 @@ def load_run(path: str | os.PathLike) -> Run:
         if not (path / f).is_file():
             raise RunError(f"{path}: {f} is missing; rerun `python cli.py fit`.")
     return Run(path, info, metrics)
+
+
+def runs_for_table(runs_dir: str | os.PathLike, table: str | os.PathLike) -> list[Path]:
+    """The finished run folders under ``runs_dir`` fitted on the tile table at ``table``."""
+    base, want = Path(runs_dir), str(Path(table).resolve())
+    found = sorted(p for p in base.iterdir() if (p / "run.json").is_file()) if base.is_dir() else []
+    return [p for p in found if load_run(p).info["table"]["path"] == want]

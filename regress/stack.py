@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featurize import __version__
 from featurize.errors import RunError, UsageError
-from featurize.table import read_table
+from featurize.table import index_of, read_table
 from regress.metrics import evaluate, evaluate_by_fold
 from regress.runs import Run, load_run, write_run
 
@@ -121,8 +121,7 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     table = read_table(runs[0].info["table"]["path"], check_files=False)
     if table.fingerprint() != runs[0].info["table"]["fingerprint"]:
         raise RunError(f"{table.source}: the tile table changed since {runs[0].path} was fitted; refit the runs.")
-    pos = {k: i for i, k in enumerate(table.ids)}
-    Y = table.Y[[pos[k] for k in ids]]
+    Y = table.Y[index_of(table.ids, ids)]
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
     for f in np.unique(fold):
         tr, va = fold != f, fold == f

@@ -21,6 +21,7 @@ from PIL import Image
 
 from featurize.errors import ImportDataError
 from featurize.images import large_images_allowed, to_rgb
+from featurize.table import write_csv_atomic
 
 NORMALIZATIONS = ("lognorm", "cpm", "log1p", "raw")
 
@@ -181,9 +182,5 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
     sidecar = {"table": f"{name}.csv", "normalize": normalize_mode, "out_px": out_px, "genes": gene_report,
                "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
     sidecar.update(extra or {})
-    final = out_dir / f"{name}.csv"
-    tmp = out_dir / f".{name}.csv.tmp-{os.getpid()}"
-    table.to_csv(tmp, index=False)
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))
-    os.replace(tmp, final)
-    return final
+    return write_csv_atomic(table, out_dir / f"{name}.csv")
