@@ -77,7 +77,8 @@ def cmd_cache(args) -> int:
                 continue
             state = "complete" if a.get("complete") else f"PARTIAL {a.get('rows_done')}/{a['n_rows']}"
             flag = "  RANDOM-INIT" if a.get("random_init") else ""
-            print(f"{p}  {a['backbone']}  {a['n_rows']}x{a['dim']}  tta={a['tta']}  {state}{flag}")
+            prec = f"  compute={a['compute']}" if a.get("compute", "float32") != "float32" else ""
+            print(f"{p}  {a['backbone']}  {a['n_rows']}x{a['dim']}  tta={a['tta']}{prec}  {state}{flag}")
         return 0
     if args.cache_cmd == "info":
         a = read_attrs(args.file)
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tta", type=int, choices=(1, 8), default=1, help="8 = average the 8 flips/rotations (default: %(default)s)")
     sp.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda without a GPU is an error)")
     sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch; halved automatically on CUDA out-of-memory")
-    sp.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: CPUs - 1, at most 4)")
+    sp.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: CPUs - 1, at most 4 on CPU and 12 on a GPU)")
     sp.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature type")
     sp.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and list them next to the cache")
     sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another process holding the cache lock")

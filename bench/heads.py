@@ -6,7 +6,13 @@ subprocess (so peak RSS is its own), side by side in one invocation:
 
 * hexpress ``RidgeHead`` (13 alphas, alpha per gene, 5-fold CV) vs
   scikit-learn ``RidgeCV(alphas, alpha_per_target=True)`` (its efficient LOO);
-* hexpress ``PLSHead(n_components=16)`` vs scikit-learn ``PLSRegression(16)``.
+* hexpress ``PLSHead(n_components=16)`` vs scikit-learn ``PLSRegression(16)``;
+* hexpress ``MLPHead`` (defaults) on its own, for CPU vs GPU timings.
+
+A method may name its device after ``@`` (``hexpress_ridge@cuda``); without
+one it runs on ``--device``.  On CUDA the context and the cuBLAS/cuSOLVER
+libraries are loaded before the clock starts (their seconds are reported
+apart as ``cuda_init_s``), and peak GPU memory is reported.
 
 Reported: fit seconds (the median over ``--repeat`` runs, each a fresh
 process, interleaved so that machine noise hits both sides alike), held-out
@@ -14,6 +20,7 @@ mean PCC per gene, peak RSS, and for PLS the largest relative difference
 between the two predictions.  Usage:
 
     python bench/heads.py [--json bench/out/heads.json] [--device cpu|cuda] [--repeat 3]
+    python bench/heads.py --methods hexpress_ridge@cuda,hexpress_ridge@cpu,sklearn_ridgecv,hexpress_mlp@cuda,hexpress_mlp@cpu
 """
 from __future__ import annotations
 
@@ -58,6 +65,10 @@ def estimator(method: str, device: str):
         from regress.pls import PLSHead
 
         return PLSHead(n_components=16)
+    if method == "hexpress_mlp":
+        from regress.mlp import MLPHead
+
+        return MLPHead(device=device)
     if method == "sklearn_pls":
         from sklearn.cross_decomposition import PLSRegression
 
@@ -65,18 +76,43 @@ def estimator(method: str, device: str):
     raise SystemExit(f"unknown method {method}")
 
 
+def cuda_warmup() -> float:
+    """Create the CUDA context and load cuBLAS/cuSOLVER; seconds taken."""
+    import torch
+
+    t0 = time.perf_counter()
+    a = torch.randn(64, 64, device="cuda", dtype=torch.float64)
+    torch.linalg.eigh(a @ a.T)
+    (a.float() @ a.float()).sum().item()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def one(method: str, device: str, pred_file: str) -> None:
     from regress.metrics import pcc_per_gene
 
     X, Y, Xt, Yt = data()
-    est = estimator(method, device)
+    name, _, dev = method.partition("@")
+    dev = dev or device
+    est = estimator(name, dev)
+    extra = {}
+    if dev.startswith("cuda"):
+        import torch
+
+        extra["cuda_init_s"] = round(cuda_warmup(), 2)
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     est.fit(X, Y)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+        extra["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     fit_s = time.perf_counter() - t0
     P = est.predict(Xt)
     np.save(pred_file, P.astype(np.float32))
+    if hasattr(est, "n_epochs_"):
+        extra["epochs"] = est.n_epochs_
     print(json.dumps({"method": method, "fit_s": round(fit_s, 2), "heldout_pcc": round(float(np.nanmean(pcc_per_gene(Yt, P))), 4),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **extra}))
 
 
 def main() -> None:
@@ -112,15 +148,24 @@ def main() -> None:
         rows.append(row)
     by = {r["method"]: r for r in rows}
     summary = {}
-    if "hexpress_ridge" in by and "sklearn_ridgecv" in by:
-        summary["ridge_speedup"] = round(by["sklearn_ridgecv"]["fit_s"] / by["hexpress_ridge"]["fit_s"], 2)
+    for m in by:
+        if m.partition("@")[0] == "hexpress_ridge" and "sklearn_ridgecv" in by:
+            key = "ridge_speedup" + (f"_{m.partition('@')[2]}" if "@" in m else "")
+            summary[key] = round(by["sklearn_ridgecv"]["fit_s"] / by[m]["fit_s"], 2)
+    for head in ("hexpress_ridge", "hexpress_mlp"):
+        gpu, cpu = f"{head}@cuda", f"{head}@cpu"
+        if gpu in by and cpu in by:
+            a, b = np.load(tmp / f"{gpu}.npy"), np.load(tmp / f"{cpu}.npy")
+            summary[f"{head}_gpu_speedup"] = round(by[cpu]["fit_s"] / by[gpu]["fit_s"], 2)
+            summary[f"{head}_gpu_vs_cpu_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
     if "hexpress_pls" in by and "sklearn_pls" in by:
         a, b = np.load(tmp / "hexpress_pls.npy"), np.load(tmp / "sklearn_pls.npy")
         summary["pls_speedup"] = round(by["sklearn_pls"]["fit_s"] / by["hexpress_pls"]["fit_s"], 2)
         summary["pls_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
     import torch
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and any("cuda" in m or args.device == "cuda" for m in methods) else None
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {gpu}" if gpu else ""), "torch": torch.__version__,
             "shape": f"{N} x {D} -> {G} genes, rank-{RANK} signal, seed 0; {N_TEST} held-out rows"}
     for row in rows:
         print(json.dumps(row))

@@ -50,7 +50,8 @@ class CacheKey:
     spec: BackboneSpec
     weights: ResolvedWeights
     tta: int
-    dtype: str  # "float16" | "float32"
+    dtype: str  # "float16" | "float32": how the embeddings are stored
+    compute: str = "float32"  # the forward pass's precision: "float32", or "bfloat16"/"float16" under CUDA autocast
 
     def key_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,8 @@ class CacheKey:
             "random_init": self.weights.random_init,
             "tta": self.tta,
             "dtype": self.dtype,
+            # only when not float32, so the fingerprints of float32 caches stay what they were
+            **({"compute": self.compute} if self.compute != "float32" else {}),
         }
 
     def key_json(self) -> str:
@@ -145,6 +148,7 @@ class CacheWriter:
                 "weights_path": w.path or "",
                 "tta": int(self.key.tta),
                 "dtype": self.key.dtype,
+                "compute": self.key.compute,
                 "tool_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "rows_done": 0,

@@ -86,13 +86,22 @@ def _forward(model, spec: BackboneSpec, x, tta: int):
     return out / tta
 
 
-def _autocast(device, spec: BackboneSpec):
+def compute_dtype(device, spec: BackboneSpec) -> str:
+    """The forward pass's precision: autocast (bfloat16, else float16) for ``amp`` specs on CUDA, else float32.
+
+    Part of the cache key, since it changes the numbers."""
     import torch
 
     if device.type != "cuda" or spec.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def _autocast(device, spec: BackboneSpec):
+    import torch
+
+    dtype = compute_dtype(device, spec)
+    return nullcontext() if dtype == "float32" else torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
 def _embed_batch(job: _Job, batch_u8, device, tta: int, micro: list[int]):
@@ -157,7 +166,7 @@ def embed(
     for name in dict.fromkeys(backbones):
         spec = get_spec(name)
         w = resolve_weights(spec, weights.get(name), random_init)
-        key = CacheKey(table.name, table_fp, spec, w, tta, dtype)
+        key = CacheKey(table.name, table_fp, spec, w, tta, dtype, compute_dtype(dev, spec))
         jobs.append(_Job(spec, w, key, cache_path(cache_dir, key)))
 
     with ExitStack() as stack:
@@ -189,8 +198,8 @@ def embed(
         start -= start % batch_size
         keys = sorted({j.spec.preprocess_key for j in todo})
         dataset = TileDataset(table.paths, keys)
-        if num_workers is None:
-            num_workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+        if num_workers is None:  # on CPU the workers share cores with the forward pass; on a GPU decoding is the CPU's job
+            num_workers = min(4 if dev.type == "cpu" else 12, max(1, (os.cpu_count() or 2) - 1))
         loader = DataLoader(
             Subset(dataset, range(start, n)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
             collate_fn=collate, pin_memory=dev.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,

@@ -240,28 +240,41 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         """Exact leave-one-out scores from one decomposition of the full data."""
         xp = be.xp
         n = Xc.shape[0]
-        lam, V, scale = _decompose(be, Xc.T @ Xc if G is None else G, sx, n, self.standardize, k)
-        keep = lam > 1e-10 * float(be.to_numpy(xp.max(lam)))
-        keep_np = be.to_numpy(keep)
-        idx = be.asarray(np.flatnonzero(keep_np), "int64")
+        primal = n > Xc.shape[1]
+        if primal:  # top k of the d x d Gram (descending); U = Xs V / sqrt(lam) below
+            lam, V, scale = _decompose(be, G, sx, n, self.standardize, k, v_dtype="float64")
+            U = ((Xc - sx[None, :] / n) / be.astype(scale, "float64")[None, :]) @ V
+        else:  # U straight from the n x n Gram, orthonormal to float64 rounding (its h is exact near 1)
+            Xs = Xc - sx[None, :] / n
+            Xs = Xs / be.astype(_feature_scale(xp, xp.sum(Xs * Xs, axis=0) / n, self.standardize), "float64")[None, :]
+            lam, U = xp.linalg.eigh(Xs @ Xs.T)
+        keep = np.flatnonzero(be.to_numpy(lam > 1e-10 * float(be.to_numpy(xp.max(lam)))))
+        idx = be.asarray(keep[::-1][:k].copy(), "int64")  # ascending from eigh: the top k
         lam_k = xp.take(lam, idx, axis=0)
-        V_k = xp.take(V, idx, axis=1)
-        Xs = (Xc - sx[None, :] / n) / be.astype(scale, "float64")[None, :]
-        U = (Xs @ be.astype(V_k, "float64")) / xp.sqrt(lam_k)[None, :]
+        U = xp.take(U, idx, axis=1)
+        if primal:
+            U = U / xp.sqrt(lam_k)[None, :]
         sy, syy = xp.sum(Ys32, axis=0, dtype=xp.float64), xp.sum(Ys32 * Ys32, axis=0, dtype=xp.float64)
-        Yc32 = Ys32 - be.astype(sy / n, "float32")[None, :] if self.fit_intercept else Ys32
-        U32 = be.astype(U, "float32")
-        UtY = U32.T @ Yc32
+        # With g = alpha / (lam + alpha): residual = R0 + U (g * U'Y) and 1 - h = h0 + U^2 g, where
+        # R0 = Y - U U'Y and h0 = 1 - 1/n - rowsum(U^2) do not depend on alpha.  Near interpolation
+        # (n <= d, small alpha) both are tiny, and this form computes them without cancellation; there
+        # (n small) the products run in float64 too, elsewhere in float32.
+        work = "float32" if primal else "float64"
+        Uw, Ysw = be.astype(U, work), be.astype(Ys32, work)
+        Yc = Ysw - be.astype(sy / n, work)[None, :] if self.fit_intercept else Ysw
+        UtY = Uw.T @ Yc
+        R0 = Yc - Uw @ UtY
         U2 = U * U
+        h0 = 1.0 - (1.0 / n if self.fit_intercept else 0.0) - xp.sum(U2, axis=1)
         S_p, S_pp, S_py = (np.zeros((len(alphas), Ys32.shape[1])) for _ in range(3))
         for a, alpha in enumerate(alphas):
-            f = lam_k / (lam_k + alpha)
-            h = U2 @ f + (1.0 / n if self.fit_intercept else 0.0)
+            g = alpha / (lam_k + alpha)
             # leave-one-out prediction = y - (y - fit) / (1 - h)
-            loo = Ys32 - (Yc32 - U32 @ (be.astype(f, "float32")[:, None] * UtY)) / be.astype(1.0 - h, "float32")[:, None]
-            S_p[a] = be.to_numpy(xp.sum(loo, axis=0))
-            S_pp[a] = be.to_numpy(xp.sum(loo * loo, axis=0))
-            S_py[a] = be.to_numpy(xp.sum(loo * Ys32, axis=0))
+            resid = R0 + Uw @ (be.astype(g, work)[:, None] * UtY)
+            loo = Ysw - resid / be.astype(h0 + U2 @ g, work)[:, None]
+            S_p[a] = be.to_numpy(xp.sum(loo, axis=0, dtype=xp.float64))
+            S_pp[a] = be.to_numpy(xp.sum(loo * loo, axis=0, dtype=xp.float64))
+            S_py[a] = be.to_numpy(xp.sum(loo * Ysw, axis=0, dtype=xp.float64))
         return _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring)
 
     # -------------------------------------------------------------- predict
@@ -453,7 +466,7 @@ def _eigh(be, S):
     return be.xp.linalg.eigh(S)
 
 
-def _decompose(be, G, sx, n, standardize: bool, k: int):
+def _decompose(be, G, sx, n, standardize: bool, k: int, v_dtype: str = "float32"):
     """Eigen-decomposition of the centred (scaled) Gram; top ``k`` pairs, descending."""
     xp = be.xp
     mu = sx / n
@@ -466,7 +479,7 @@ def _decompose(be, G, sx, n, standardize: bool, k: int):
     d = lam.shape[0]
     order = be.asarray(np.arange(d - 1, d - 1 - k, -1), "int64")
     lam = xp.clip(xp.take(lam, order, axis=0), 0.0, None)
-    V = be.astype(xp.take(V, order, axis=1), "float32")
+    V = be.astype(xp.take(V, order, axis=1), v_dtype)
     return lam, V, scale
 
 

@@ -137,3 +137,23 @@ def test_ambiguous_caches_ask_for_cache_flag(syn_table, tmp_path):
     embed(syn_table, ["timm:test_vit"], random_init=True, tta=8, cache_dir=tmp_path, **KW)
     with pytest.raises(CacheError, match="--cache FILE"):
         find_cache(read_table(syn_table), "timm:test_vit", tmp_path)
+
+
+def test_autocast_precision_is_part_of_the_cache_key():
+    """A CUDA autocast (bfloat16) forward changes the numbers, so it changes the key; a float32 key is
+    what it was before the field existed (no spurious re-embeds of CPU caches)."""
+    import dataclasses
+
+    import torch
+
+    from featurize.backbones import get_spec
+    from featurize.cache import CacheKey
+    from featurize.extract import compute_dtype
+    from featurize.weights import resolve_weights
+
+    spec = get_spec("timm:test_vit")
+    key = CacheKey("t", "fp", spec, resolve_weights(spec, None, True), 1, "float16")
+    assert compute_dtype(torch.device("cpu"), spec) == "float32"
+    assert "compute" not in key.key_dict()
+    amp = dataclasses.replace(key, compute="bfloat16")
+    assert amp.fingerprint() != key.fingerprint() and amp.key_dict()["compute"] == "bfloat16"

@@ -94,6 +94,19 @@ def test_gcv_exact_without_standardisation():
         np.testing.assert_allclose(h.cv_scores_[a], _loo_neg_mse(X, Ys, alpha), rtol=1e-4)
 
 
+@pytest.mark.parametrize("standardize", [True, False])
+def test_gcv_exact_near_interpolation(standardize):
+    """More features than rows and a small alpha: 1 - h and the residual are tiny, and computing them
+    as 1 - (something near 1) in float32 once cost 1e-4 of the score.  Now 1e-6 or better."""
+    X, Y = _data(n=80, d=120, g=5, seed=4)
+    alphas = [0.01, 1.0, 100.0]
+    h = RidgeHead(alphas=alphas, cv="gcv", standardize=standardize).fit(X, Y)
+    Xs = StandardScaler(with_std=standardize).fit_transform(X)
+    Ys = (Y - Y.mean(0)) / Y.std(0)
+    for a, alpha in enumerate(alphas):
+        np.testing.assert_allclose(h.cv_scores_[a], _loo_neg_mse(Xs, Ys, alpha), rtol=1e-6)
+
+
 def test_masked_update_equals_argmax_and_shared_alpha():
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((13, 50))

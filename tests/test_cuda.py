@@ -1,0 +1,97 @@
+"""The GPU paths against the CPU ones.  These need a CUDA device and skip without one (CI has none);
+they are run on a lent GPU machine, and BENCHMARKS.md records where and when."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+
+
+def _data(n=240, d=300, g=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :6] @ rng.standard_normal((6, g)) + 2 * rng.standard_normal((n, g)) + 5
+    return X.astype(np.float32), Y.astype(np.float32)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("cv", [5, "gcv"])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_ridge_cuda_equals_cpu(cv, standardize):
+    from regress.ridge import RidgeHead
+
+    X, Y = _data()
+    groups = np.repeat(np.arange(6), 40)
+    a = RidgeHead(cv=cv, standardize=standardize).fit(X, Y, groups=groups)
+    b = RidgeHead(cv=cv, standardize=standardize, device="cuda").fit(X, Y, groups=groups)
+    np.testing.assert_allclose(b.cv_scores_, a.cv_scores_, rtol=1e-4, atol=1e-6)
+    # a gene whose two best alphas score within rounding may pick either; all others must agree
+    assert np.mean(b.alpha_ == a.alpha_) >= 0.95
+    same = b.alpha_ == a.alpha_
+    assert _rel(b.predict(X)[:, same], a.predict(X)[:, same]) < 1e-4
+    # the fitted model is plain numpy: it predicts on a machine without a GPU
+    assert isinstance(b.coef_, np.ndarray)
+
+
+def test_ridge_cuda_with_pca_preset():
+    from regress.heads import make_head
+
+    X, Y = _data(n=400, d=300)
+    a = make_head("hest", "cpu").fit(X, Y)
+    b = make_head("hest", "cuda").fit(X, Y)
+    assert _rel(b.predict(X), a.predict(X)) < 1e-3
+
+
+def test_mlp_cuda_matches_cpu_without_dropout():
+    """Same seed, same initial weights and batch order: without dropout (whose masks come from the
+    device's own generator) CPU and GPU training differ only by rounding."""
+    from regress.mlp import MLPHead
+
+    X, Y = _data()
+    kw = dict(hidden=64, dropout=0.0, max_epochs=5, patience=100, random_state=3)
+    a = MLPHead(**kw).fit(X, Y)
+    b = MLPHead(device="cuda", **kw).fit(X, Y)
+    assert a.n_epochs_ == b.n_epochs_ == 5
+    assert _rel(b.predict(X), a.predict(X)) < 1e-3
+    assert all(t.device.type == "cpu" for t in b.state_.values())
+
+
+def test_mlp_cuda_with_dropout_learns():
+    from regress.metrics import pcc_per_gene
+    from regress.mlp import MLPHead
+
+    X, Y = _data(n=600)
+    h = MLPHead(device="cuda", max_epochs=40).fit(X[:480], Y[:480])
+    assert np.nanmean(pcc_per_gene(Y[480:], h.predict(X[480:]))) > 0.3
+
+
+def test_embed_cuda_close_to_cpu_and_keyed_apart(syn_table, tmp_path):
+    from featurize.cache import read_attrs, read_cache
+    from featurize.extract import embed
+
+    kw = dict(random_init=True, batch_size=16, progress=False, num_workers=0, dtype="float32")
+    cpu = embed(syn_table, ["timm:test_vit"], device="cpu", cache_dir=tmp_path, **kw)[0]
+    gpu = embed(syn_table, ["timm:test_vit"], device="cuda", cache_dir=tmp_path, **kw)[0]
+    assert cpu != gpu, "an autocast forward must not reuse the float32 cache"
+    assert read_attrs(gpu)["compute"] in ("bfloat16", "float16")
+    a, b = read_cache(cpu).features, read_cache(gpu).features
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 0.05  # bfloat16 keeps about 3 significant digits
+
+
+def test_cli_fit_on_cuda(syn_cache, tmp_path):
+    import cli
+
+    table, cache_dir = syn_cache
+    for head in ("ridge", "mlp"):
+        rc = cli.main(["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
+                       "--runs-dir", str(tmp_path), "--head", head, "--folds", "4", "--device", "cuda"])
+        assert rc == 0
+        info = json.loads((tmp_path / f"train-timm_test_vit-{head}" / "run.json").read_text())
+        assert info["head"]["params"]["device"] == "cuda"
