@@ -31,7 +31,7 @@ def make_synthetic_table(folder: str | Path, n: int = 64, n_genes: int = 20, siz
         img = np.stack([r, g, b], -1) + rng.normal(0, 6, (size, size, 3))
         img = np.clip(img, 0, 255).astype(np.uint8)
         rel = f"./{name}/{name.upper()}_{i:04d}.png"
-        Image.fromarray(img).save(folder / rel, compress_level=1)  # fast: these are throwaway test tiles
+        Image.fromarray(img).save(folder / rel, compress_level=1)  # fast to write; the pixels are the same
         stats[i] = [hema, eosin, freq / 6, np.cos(phase)]
         rows.append({"ID": f"{name.upper()}_{i:04d}", "path": rel, "slide": f"S{i % n_groups}",
                      "x": float(i % 8), "y": float(i // 8)})
