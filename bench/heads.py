@@ -6,6 +6,7 @@ subprocess (so peak RSS is its own), side by side in one invocation:
 
 * hexpress ``RidgeHead`` (13 alphas, alpha per gene, 5-fold CV) vs
   scikit-learn ``RidgeCV(alphas, alpha_per_target=True)`` (its efficient LOO);
+  ``hexpress_ridge_loo`` is hexpress with exact leave-one-out (``cv="gcv"``), RidgeCV's own criterion;
 * hexpress ``PLSHead(n_components=16)`` vs scikit-learn ``PLSRegression(16)``;
 * hexpress ``MLPHead`` (defaults) on its own, for CPU vs GPU timings.
 
@@ -57,6 +58,10 @@ def estimator(method: str, device: str):
         from regress.ridge import RidgeHead
 
         return RidgeHead(alphas=ALPHAS, cv=5, device=device)
+    if method == "hexpress_ridge_loo":  # exact leave-one-out, the criterion RidgeCV itself uses
+        from regress.ridge import RidgeHead
+
+        return RidgeHead(alphas=ALPHAS, cv="gcv", device=device)
     if method == "sklearn_ridgecv":
         from sklearn.linear_model import RidgeCV
 
@@ -149,8 +154,8 @@ def main() -> None:
     by = {r["method"]: r for r in rows}
     summary = {}
     for m in by:
-        if m.partition("@")[0] == "hexpress_ridge" and "sklearn_ridgecv" in by:
-            key = "ridge_speedup" + (f"_{m.partition('@')[2]}" if "@" in m else "")
+        if m.partition("@")[0] in ("hexpress_ridge", "hexpress_ridge_loo") and "sklearn_ridgecv" in by:
+            key = m.replace("hexpress_", "").replace("@", "_") + "_speedup"
             summary[key] = round(by["sklearn_ridgecv"]["fit_s"] / by[m]["fit_s"], 2)
     for head in ("hexpress_ridge", "hexpress_mlp"):
         gpu, cpu = f"{head}@cuda", f"{head}@cpu"

@@ -143,6 +143,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             G = Xc.T @ Xc if n >= d else None  # with n < d every decomposition is the n x n dual
             C = be.astype(Xc, "float32").T @ Ys32
 
+        decomposition = None
         if len(alphas) == 1:
             best = np.zeros(Y.shape[1], dtype=int)
             self.cv_scores_ = None
@@ -153,11 +154,13 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                              for (train, _), piece in zip(splits, pieces)]
                 scores = _pooled_scores(*(sum(parts) for parts in zip(*fold_sums)), self.scoring)
             else:
-                scores = self._gcv_scores(be, Xc, Ys32, G, sx, alphas, k)
+                scores, decomposition = self._gcv_scores(be, Xc, Ys32, G, sx, alphas, k)
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
             best = _best_alpha_index(scores, self.alpha_per_target)
 
-        if n < d:
+        if decomposition is not None:  # GCV's own (same Gram): no second decomposition
+            lam, V, scale = decomposition
+        elif n < d:
             lam, V, scale = _decompose_dual(be, Xc, self.standardize, k)
         else:
             lam, V, scale = _decompose(be, G, sx, n, self.standardize, k)
@@ -236,8 +239,9 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         p1, pp, py = (np.concatenate(cols, axis=1) for cols in zip(*parts))
         return p1, pp, py, be.to_numpy(piece.sy).astype(np.float64), be.to_numpy(piece.syy).astype(np.float64), n_v
 
-    def _gcv_scores(self, be, Xc, Ys32, G, sx, alphas, k) -> np.ndarray:
-        """Exact leave-one-out scores from one decomposition of the full data."""
+    def _gcv_scores(self, be, Xc, Ys32, G, sx, alphas, k):
+        """Exact leave-one-out scores from one decomposition of the full data; also returns that
+        decomposition (``(lam, V, scale)`` as the refit uses it) when it is the d x d one, else None."""
         xp = be.xp
         n = Xc.shape[0]
         primal = n > Xc.shape[1]
@@ -260,22 +264,26 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         # (n <= d, small alpha) both are tiny, and this form computes them without cancellation; there
         # (n small) the products run in float64 too, elsewhere in float32.
         work = "float32" if primal else "float64"
-        Uw, Ysw = be.astype(U, work), be.astype(Ys32, work)
-        Yc = Ysw - be.astype(sy / n, work)[None, :] if self.fit_intercept else Ysw
-        UtY = Uw.T @ Yc
-        R0 = Yc - Uw @ UtY
+        Uw = be.astype(U, work)
         U2 = U * U
         h0 = 1.0 - (1.0 / n if self.fit_intercept else 0.0) - xp.sum(U2, axis=1)
+        inv_d = [be.astype(1.0 / (h0 + U2 @ (alpha / (lam_k + alpha))), work)[:, None] for alpha in alphas]
+        g_w = [be.astype(alpha / (lam_k + alpha), work)[:, None] for alpha in alphas]
         S_p, S_pp, S_py = (np.zeros((len(alphas), Ys32.shape[1])) for _ in range(3))
-        for a, alpha in enumerate(alphas):
-            g = alpha / (lam_k + alpha)
-            # leave-one-out prediction = y - (y - fit) / (1 - h)
-            resid = R0 + Uw @ (be.astype(g, work)[:, None] * UtY)
-            loo = Ysw - resid / be.astype(h0 + U2 @ g, work)[:, None]
-            S_p[a] = be.to_numpy(xp.sum(loo, axis=0, dtype=xp.float64))
-            S_pp[a] = be.to_numpy(xp.sum(loo * loo, axis=0, dtype=xp.float64))
-            S_py[a] = be.to_numpy(xp.sum(loo * Ysw, axis=0, dtype=xp.float64))
-        return _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring)
+        for j in range(0, Ys32.shape[1], _GENE_BLOCK):  # blocks: the n x block temporaries get reused
+            J = slice(j, j + _GENE_BLOCK)
+            Ysw = be.astype(Ys32[:, J], work)
+            Yc = Ysw - be.astype(sy[J] / n, work)[None, :] if self.fit_intercept else Ysw
+            UtY = Uw.T @ Yc
+            R0 = Yc - Uw @ UtY
+            for a in range(len(alphas)):
+                # leave-one-out prediction = y - (y - fit) / (1 - h)
+                loo = Ysw - (R0 + Uw @ (g_w[a] * UtY)) * inv_d[a]
+                S_p[a, J] = be.to_numpy(xp.sum(loo, axis=0, dtype=xp.float64))
+                S_pp[a, J] = be.to_numpy(xp.sum(loo * loo, axis=0, dtype=xp.float64))
+                S_py[a, J] = be.to_numpy(xp.sum(loo * Ysw, axis=0, dtype=xp.float64))
+        scores = _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring)
+        return scores, ((lam, be.astype(V, "float32"), scale) if primal else None)
 
     # -------------------------------------------------------------- predict
     def predict(self, X):
