@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurize.backbones import get_spec  # noqa: E402
-from featurize.extract import embed  # noqa: E402
+from featurize.extract import autocast, embed  # noqa: E402
 from featurize.transforms import normalize, resize_uint8  # noqa: E402
 from featurize.weights import create_backbone, extract, resolve_weights  # noqa: E402
 
@@ -62,24 +62,19 @@ def make_tiles(folder: Path, n: int, size: int = 224) -> tuple[Path, str]:
     return folder / "tiles.csv", kind
 
 
-def forward_only(name: str, paths: list[Path], batch_size: int, device: str) -> float:
+def forward_only(name: str, paths: list[Path], batch_size: int, device: str, random_init: bool) -> float:
     spec = get_spec(name)
-    w = resolve_weights(spec, random_init=spec.weights.startswith("hf:"))
-    model = create_backbone(spec, w).to(device)
+    dev = torch.device(device)
+    model = create_backbone(spec, resolve_weights(spec, random_init=random_init)).to(dev)
     x = torch.stack([resize_uint8(Image.open(p).convert("RGB"), spec.preprocess_key) for p in paths])
-    with torch.inference_mode():
-        extract(model, spec, normalize(x[:batch_size].to(device), spec))  # warm-up
-        if device == "cuda":
+    with torch.inference_mode(), autocast(dev, spec):  # the precision embed uses
+        extract(model, spec, normalize(x[:batch_size].to(dev), spec))  # warm-up
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for s in range(0, len(x), batch_size):
-            xb = normalize(x[s:s + batch_size].to(device), spec)
-            if device == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    extract(model, spec, xb).float().cpu()
-            else:
-                extract(model, spec, xb).float().cpu()
-        if device == "cuda":
+            extract(model, spec, normalize(x[s:s + batch_size].to(dev), spec)).float().cpu()
+        if dev.type == "cuda":
             torch.cuda.synchronize()
     return len(x) / (time.perf_counter() - t0)
 
@@ -105,7 +100,7 @@ def main() -> None:
             df.to_csv(table, index=False)
             kind += f", each file listed {args.rows_per_tile} times"
         n_rows = args.n * args.rows_per_tile
-        paths = sorted((work / "t").glob("*.png")) if (work / "t").exists() else None
+        paths = sorted(work.rglob("*.png"))
         results = []
         for name in names:
             spec = get_spec(name)
@@ -116,7 +111,7 @@ def main() -> None:
                 embed(table, [name], random_init=rand, cache_dir=work / f"cache-{name}-{run}", batch_size=args.batch_size,
                       device=args.device, progress=False, num_workers=args.workers)
                 rates.append(n_rows / (time.perf_counter() - t0))
-            fwd = forward_only(name, paths or sorted(work.rglob("*.png")), args.batch_size, args.device)
+            fwd = forward_only(name, paths, args.batch_size, args.device, rand)
             row = {"backbone": name, "random_init": rand, "tiles": n_rows, "batch_size": args.batch_size,
                    "embed_cold_tiles_s": round(rates[0], 2), "embed_tiles_s": round(rates[1], 2),
                    "forward_only_tiles_s": round(fwd, 2), "ratio": round(rates[1] / fwd, 3)}

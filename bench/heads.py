@@ -54,31 +54,25 @@ def data():
 
 
 def estimator(method: str, device: str):
-    if method == "hexpress_ridge":
-        from regress.ridge import RidgeHead
+    from sklearn.cross_decomposition import PLSRegression
+    from sklearn.linear_model import RidgeCV
 
-        return RidgeHead(alphas=ALPHAS, cv=5, device=device)
-    if method == "hexpress_ridge_loo":  # exact leave-one-out, the criterion RidgeCV itself uses
-        from regress.ridge import RidgeHead
+    from regress.mlp import MLPHead
+    from regress.pls import PLSHead
+    from regress.ridge import RidgeHead
 
-        return RidgeHead(alphas=ALPHAS, cv="gcv", device=device)
-    if method == "sklearn_ridgecv":
-        from sklearn.linear_model import RidgeCV
-
-        return RidgeCV(alphas=ALPHAS, alpha_per_target=True)
-    if method == "hexpress_pls":
-        from regress.pls import PLSHead
-
-        return PLSHead(n_components=16)
-    if method == "hexpress_mlp":
-        from regress.mlp import MLPHead
-
-        return MLPHead(device=device)
-    if method == "sklearn_pls":
-        from sklearn.cross_decomposition import PLSRegression
-
-        return PLSRegression(16)
-    raise SystemExit(f"unknown method {method}")
+    make = {
+        "hexpress_ridge": lambda: RidgeHead(alphas=ALPHAS, cv=5, device=device),
+        # exact leave-one-out, the criterion RidgeCV itself uses
+        "hexpress_ridge_loo": lambda: RidgeHead(alphas=ALPHAS, cv="gcv", device=device),
+        "sklearn_ridgecv": lambda: RidgeCV(alphas=ALPHAS, alpha_per_target=True),
+        "hexpress_pls": lambda: PLSHead(n_components=16),
+        "sklearn_pls": lambda: PLSRegression(16),
+        "hexpress_mlp": lambda: MLPHead(device=device),
+    }
+    if method not in make:
+        raise SystemExit(f"unknown method {method}; choose from {', '.join(make)}")
+    return make[method]()
 
 
 def cuda_warmup() -> float:
@@ -133,8 +127,6 @@ def main() -> None:
         return one(args.one, args.device, args.pred)
     tmp = Path(tempfile.mkdtemp(prefix="hexpress-heads-"))
     rows = []
-    base = subprocess.run([sys.executable, "-c", "import numpy, sklearn"], capture_output=True, check=False)
-    assert base.returncode == 0
     methods = args.methods.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(args.repeat):
@@ -152,21 +144,22 @@ def main() -> None:
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs[m])
         rows.append(row)
     by = {r["method"]: r for r in rows}
+
+    def rel_diff(a: str, b: str) -> float:  # largest prediction difference, relative to b's range
+        pa, pb = np.load(tmp / f"{a}.npy"), np.load(tmp / f"{b}.npy")
+        return float(np.abs(pa - pb).max() / np.abs(pb).max())
+
     summary = {}
     for m in by:
-        if m.partition("@")[0] in ("hexpress_ridge", "hexpress_ridge_loo") and "sklearn_ridgecv" in by:
-            key = m.replace("hexpress_", "").replace("@", "_") + "_speedup"
-            summary[key] = round(by["sklearn_ridgecv"]["fit_s"] / by[m]["fit_s"], 2)
-    for head in ("hexpress_ridge", "hexpress_mlp"):
-        gpu, cpu = f"{head}@cuda", f"{head}@cpu"
-        if gpu in by and cpu in by:
-            a, b = np.load(tmp / f"{gpu}.npy"), np.load(tmp / f"{cpu}.npy")
-            summary[f"{head}_gpu_speedup"] = round(by[cpu]["fit_s"] / by[gpu]["fit_s"], 2)
-            summary[f"{head}_gpu_vs_cpu_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
+        name = m.partition("@")[0]
+        if name in ("hexpress_ridge", "hexpress_ridge_loo") and "sklearn_ridgecv" in by:
+            summary[m.replace("hexpress_", "").replace("@", "_") + "_speedup"] = round(by["sklearn_ridgecv"]["fit_s"] / by[m]["fit_s"], 2)
+        if m.endswith("@cuda") and f"{name}@cpu" in by:
+            summary[f"{name}_gpu_speedup"] = round(by[f"{name}@cpu"]["fit_s"] / by[m]["fit_s"], 2)
+            summary[f"{name}_gpu_vs_cpu_max_rel_diff"] = rel_diff(m, f"{name}@cpu")
     if "hexpress_pls" in by and "sklearn_pls" in by:
-        a, b = np.load(tmp / "hexpress_pls.npy"), np.load(tmp / "sklearn_pls.npy")
         summary["pls_speedup"] = round(by["sklearn_pls"]["fit_s"] / by["hexpress_pls"]["fit_s"], 2)
-        summary["pls_max_rel_diff"] = float(np.abs(a - b).max() / np.abs(b).max())
+        summary["pls_max_rel_diff"] = rel_diff("hexpress_pls", "sklearn_pls")
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and any("cuda" in m or args.device == "cuda" for m in methods) else None

@@ -97,7 +97,8 @@ def compute_dtype(device, spec: BackboneSpec) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
-def _autocast(device, spec: BackboneSpec):
+def autocast(device, spec: BackboneSpec):
+    """The context the forward pass runs in: CUDA autocast at :func:`compute_dtype`, or nothing."""
     import torch
 
     dtype = compute_dtype(device, spec)
@@ -113,7 +114,7 @@ def _embed_batch(job: _Job, batch_u8, device, tta: int, micro: list[int]):
             parts = []
             for s in range(0, len(batch_u8), micro[0]):
                 x = normalize(batch_u8[s : s + micro[0]].to(device, non_blocking=True), job.spec)
-                with _autocast(device, job.spec):
+                with autocast(device, job.spec):
                     parts.append(_forward(job.model, job.spec, x, tta))
             return torch.cat(parts).cpu().numpy()
         except torch.OutOfMemoryError:

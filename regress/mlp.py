@@ -116,9 +116,8 @@ class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         net.double().eval()  # float64 inference: a row's prediction does not depend on its batch
         with torch.inference_mode():
             out = net(torch.from_numpy((X - self.x_mean_) / self.x_std_)).numpy()
-        out = (out * self.y_std_ + self.y_mean_).astype(np.float64)
+        out = out * self.y_std_ + self.y_mean_  # float64: the network ran in float64
         return out[:, 0] if self._y_1d else out
-
 
 
 def _inner_split(n: int, groups, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -158,7 +158,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
             best = _best_alpha_index(scores, self.alpha_per_target)
 
-        if decomposition is not None:  # GCV's own (same Gram): no second decomposition
+        if decomposition is not None:  # GCV decomposed the same data: no second decomposition
             lam, V, scale = decomposition
         elif n < d:
             lam, V, scale = _decompose_dual(be, Xc, self.standardize, k)
@@ -240,24 +240,21 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         return p1, pp, py, be.to_numpy(piece.sy).astype(np.float64), be.to_numpy(piece.syy).astype(np.float64), n_v
 
     def _gcv_scores(self, be, Xc, Ys32, G, sx, alphas, k):
-        """Exact leave-one-out scores from one decomposition of the full data; also returns that
-        decomposition (``(lam, V, scale)`` as the refit uses it) when it is the d x d one, else None."""
+        """Exact leave-one-out scores from one decomposition of the full data, and that
+        decomposition (``(lam, V, scale)``), which the refit reuses."""
         xp = be.xp
         n = Xc.shape[0]
         primal = n > Xc.shape[1]
-        if primal:  # top k of the d x d Gram (descending); U = Xs V / sqrt(lam) below
+        if primal:  # top k of the d x d Gram, descending: the nonzero ones are a prefix
             lam, V, scale = _decompose(be, G, sx, n, self.standardize, k, v_dtype="float64")
-            U = ((Xc - sx[None, :] / n) / be.astype(scale, "float64")[None, :]) @ V
+            lam_np = be.to_numpy(lam)
+            m = int(np.count_nonzero(lam_np > 1e-10 * max(lam_np.max(initial=0.0), 1e-300)))
+            lam_k = lam[:m]
+            U = (((Xc - sx[None, :] / n) / be.astype(scale, "float64")[None, :]) @ V[:, :m]) / xp.sqrt(lam_k)[None, :]
+            decomposition = (lam, be.astype(V, "float32"), scale)
         else:  # U straight from the n x n Gram, orthonormal to float64 rounding (its h is exact near 1)
-            Xs = Xc - sx[None, :] / n
-            Xs = Xs / be.astype(_feature_scale(xp, xp.sum(Xs * Xs, axis=0) / n, self.standardize), "float64")[None, :]
-            lam, U = xp.linalg.eigh(Xs @ Xs.T)
-        keep = np.flatnonzero(be.to_numpy(lam > 1e-10 * float(be.to_numpy(xp.max(lam)))))
-        idx = be.asarray(keep[::-1][:k].copy(), "int64")  # ascending from eigh: the top k
-        lam_k = xp.take(lam, idx, axis=0)
-        U = xp.take(U, idx, axis=1)
-        if primal:
-            U = U / xp.sqrt(lam_k)[None, :]
+            lam_k, U, Xr, scale = _dual_eigh(be, Xc, self.standardize, k)
+            decomposition = (lam_k, _dual_v(be, lam_k, U, Xr), scale)
         sy, syy = xp.sum(Ys32, axis=0, dtype=xp.float64), xp.sum(Ys32 * Ys32, axis=0, dtype=xp.float64)
         # With g = alpha / (lam + alpha): residual = R0 + U (g * U'Y) and 1 - h = h0 + U^2 g, where
         # R0 = Y - U U'Y and h0 = 1 - 1/n - rowsum(U^2) do not depend on alpha.  Near interpolation
@@ -267,8 +264,9 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         Uw = be.astype(U, work)
         U2 = U * U
         h0 = 1.0 - (1.0 / n if self.fit_intercept else 0.0) - xp.sum(U2, axis=1)
-        inv_d = [be.astype(1.0 / (h0 + U2 @ (alpha / (lam_k + alpha))), work)[:, None] for alpha in alphas]
-        g_w = [be.astype(alpha / (lam_k + alpha), work)[:, None] for alpha in alphas]
+        g = [alpha / (lam_k + alpha) for alpha in alphas]
+        inv_d = [be.astype(1.0 / (h0 + U2 @ g_a), work)[:, None] for g_a in g]
+        g_w = [be.astype(g_a, work)[:, None] for g_a in g]
         S_p, S_pp, S_py = (np.zeros((len(alphas), Ys32.shape[1])) for _ in range(3))
         for j in range(0, Ys32.shape[1], _GENE_BLOCK):  # blocks: the n x block temporaries get reused
             J = slice(j, j + _GENE_BLOCK)
@@ -282,8 +280,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 S_p[a, J] = be.to_numpy(xp.sum(loo, axis=0, dtype=xp.float64))
                 S_pp[a, J] = be.to_numpy(xp.sum(loo * loo, axis=0, dtype=xp.float64))
                 S_py[a, J] = be.to_numpy(xp.sum(loo * Ysw, axis=0, dtype=xp.float64))
-        scores = _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring)
-        return scores, ((lam, be.astype(V, "float32"), scale) if primal else None)
+        return _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring), decomposition
 
     # -------------------------------------------------------------- predict
     def predict(self, X):
@@ -291,7 +288,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         return self._linear_predict(self._validate_predict(X))
 
 
-#: genes per block in the fold loop (a 1,536 x 512 float64 block is 6 MB)
+#: genes per block in the fold and GCV loops (a 1,536 x 512 float64 block is 6 MB)
 _GENE_BLOCK = 512
 
 
@@ -491,14 +488,9 @@ def _decompose(be, G, sx, n, standardize: bool, k: int, v_dtype: str = "float32"
     return lam, V, scale
 
 
-def _decompose_dual(be, Xrows, standardize: bool, k: int):
-    """Same output as :func:`_decompose` from the n x n Gram of the rows (for n < d).
-
-    With :math:`X_s = U S V^\\top`: eigenpairs of :math:`X_s X_s^\\top` give
-    :math:`\\lambda = S^2` and :math:`V = X_s^\\top U / S`; directions with
-    :math:`\\lambda = 0` carry no signal and are dropped (their coefficients are 0
-    for any alpha > 0).
-    """
+def _dual_eigh(be, Xrows, standardize: bool, k: int):
+    """Top-k eigenpairs with nonzero eigenvalue of the n x n Gram of the centred (scaled) rows,
+    descending: ``(lam, U, Xr, scale)`` with ``Xr`` those rows."""
     xp = be.xp
     n = Xrows.shape[0]
     mu = xp.sum(Xrows, axis=0) / n
@@ -510,10 +502,24 @@ def _decompose_dual(be, Xrows, standardize: bool, k: int):
     lam_np = be.to_numpy(lam)
     keep = np.flatnonzero(lam_np > 1e-10 * max(lam_np.max(), 1e-300))[::-1][:k]
     idx = be.asarray(keep.copy(), "int64")
-    lam = xp.take(lam, idx, axis=0)
-    U = xp.take(U, idx, axis=1)
-    V = (Xr.T @ U) / xp.sqrt(lam)[None, :]
-    return lam, be.astype(V, "float32"), scale
+    return xp.take(lam, idx, axis=0), xp.take(U, idx, axis=1), Xr, scale
+
+
+def _dual_v(be, lam, U, Xr):
+    r"""Feature-space eigenvectors from the dual ones: :math:`V = X_s^\top U / \sqrt{\lambda}`."""
+    return be.astype((Xr.T @ U) / be.xp.sqrt(lam)[None, :], "float32")
+
+
+def _decompose_dual(be, Xrows, standardize: bool, k: int):
+    r"""Same output as :func:`_decompose` from the n x n Gram of the rows (for n < d).
+
+    With :math:`X_s = U S V^\top`: eigenpairs of :math:`X_s X_s^\top` give
+    :math:`\lambda = S^2` and :math:`V = X_s^\top U / S`; directions with
+    :math:`\lambda = 0` carry no signal and are dropped (their coefficients are 0
+    for any alpha > 0).
+    """
+    lam, U, Xr, scale = _dual_eigh(be, Xrows, standardize, k)
+    return lam, _dual_v(be, lam, U, Xr), scale
 
 
 def _pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n, scoring: str) -> np.ndarray:

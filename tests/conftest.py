@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featurize.synthetic import make_synthetic_table
@@ -30,3 +31,17 @@ def syn_cache(syn_table, tmp_path_factory) -> tuple[Path, Path]:
     embed(syn_table, ["timm:test_vit"], random_init=True, cache_dir=cache_dir, batch_size=16, progress=False,
           num_workers=0)
     return syn_table, cache_dir
+
+
+def ridge_data(n=160, d=24, g=9, seed=0, signal=4):
+    """Features of mixed scale and offset; genes a linear function of the first ``signal`` features,
+    plus noise and an offset."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :signal] @ rng.standard_normal((signal, g)) + 2 * rng.standard_normal((n, g)) + 5
+    return X, Y
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the largest entry of ``b``."""
+    return float(np.abs(a - b).max() / np.abs(b).max())

@@ -7,19 +7,16 @@ import json
 import numpy as np
 import pytest
 
+from conftest import rel_err, ridge_data
+
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
 
 def _data(n=240, d=300, g=40, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
-    Y = X[:, :6] @ rng.standard_normal((6, g)) + 2 * rng.standard_normal((n, g)) + 5
+    X, Y = ridge_data(n, d, g, seed, signal=6)
     return X.astype(np.float32), Y.astype(np.float32)
 
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("cv", [5, "gcv"])
@@ -35,7 +32,7 @@ def test_ridge_cuda_equals_cpu(cv, standardize):
     # a gene whose two best alphas score within rounding may pick either; all others must agree
     assert np.mean(b.alpha_ == a.alpha_) >= 0.95
     same = b.alpha_ == a.alpha_
-    assert _rel(b.predict(X)[:, same], a.predict(X)[:, same]) < 1e-4
+    assert rel_err(b.predict(X)[:, same], a.predict(X)[:, same]) < 1e-4
     # the fitted model is plain numpy: it predicts on a machine without a GPU
     assert isinstance(b.coef_, np.ndarray)
 
@@ -46,7 +43,7 @@ def test_ridge_cuda_with_pca_preset():
     X, Y = _data(n=400, d=300)
     a = make_head("hest", "cpu").fit(X, Y)
     b = make_head("hest", "cuda").fit(X, Y)
-    assert _rel(b.predict(X), a.predict(X)) < 1e-3
+    assert rel_err(b.predict(X), a.predict(X)) < 1e-3
 
 
 def test_mlp_cuda_matches_cpu_without_dropout():
@@ -59,7 +56,7 @@ def test_mlp_cuda_matches_cpu_without_dropout():
     a = MLPHead(**kw).fit(X, Y)
     b = MLPHead(device="cuda", **kw).fit(X, Y)
     assert a.n_epochs_ == b.n_epochs_ == 5
-    assert _rel(b.predict(X), a.predict(X)) < 1e-3
+    assert rel_err(b.predict(X), a.predict(X)) < 1e-3
     assert all(t.device.type == "cpu" for t in b.state_.values())
 
 

@@ -5,40 +5,30 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from conftest import rel_err, ridge_data
 from regress.cv import make_splits
 from regress.ridge import RidgeHead, _best_alpha_index
-
-
-def _data(n=160, d=24, g=9, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
-    Y = X[:, :4] @ rng.standard_normal((4, g)) + 2 * rng.standard_normal((n, g)) + 5
-    return X, Y
-
-
-def _rel(a, b):
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 @pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("alpha", [0.01, 3.0, 300.0])
 @pytest.mark.parametrize("d", [24, 300])
 def test_fixed_alpha_equals_sklearn_ridge(standardize, alpha, d):
-    X, Y = _data(d=d)
+    X, Y = ridge_data(d=d)
     ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
     ours = RidgeHead(alphas=[alpha], standardize=standardize).fit(X, Y)
-    assert _rel(ours.predict(X), ref.fit(X, Y).predict(X)) < 1e-4
+    assert rel_err(ours.predict(X), ref.fit(X, Y).predict(X)) < 1e-4
 
 
 def test_pca_preset_equals_sklearn_pipeline():
-    X, Y = _data(d=30)
+    X, Y = ridge_data(d=30)
     ref = make_pipeline(StandardScaler(), PCA(10), Ridge(alpha=5.0, fit_intercept=False)).fit(X, Y)
     ours = RidgeHead(alphas=[5.0], n_components=10, fit_intercept=False).fit(X, Y)
-    assert _rel(ours.predict(X), ref.predict(X)) < 1e-4
+    assert rel_err(ours.predict(X), ref.predict(X)) < 1e-4
 
 
 def test_hest_alpha_is_computed_not_overwritten():
-    X, Y = _data(d=30)
+    X, Y = ridge_data(d=30)
     h = RidgeHead(alphas="hest", n_components=10, fit_intercept=False).fit(X, Y)
     assert h.alpha_[0] == pytest.approx(100 / (10 * Y.shape[1]))
     assert h.n_components_ == 10 and h.alphas == "hest"  # the argument itself is untouched
@@ -49,7 +39,7 @@ def test_hest_alpha_is_computed_not_overwritten():
 @pytest.mark.parametrize("d", [24, 300])  # 300 > rows: the dual (n x n) decomposition path
 def test_kfold_scores_equal_brute_force(scoring, n_components, d):
     """The one-decomposition-per-fold fast path equals refitting sklearn per fold and alpha."""
-    X, Y = _data(d=d)
+    X, Y = ridge_data(d=d)
     alphas = [0.1, 10.0, 1000.0]
     groups = np.repeat(np.arange(4), 40)
     h = RidgeHead(alphas=alphas, cv=4, scoring=scoring, n_components=n_components).fit(X, Y, groups=groups)
@@ -76,7 +66,7 @@ def _loo_neg_mse(X, Ys, alpha):
 
 def test_gcv_equals_brute_force_leave_one_out():
     """GCV standardises with full-data statistics; brute force does the same, then refits n times."""
-    X, Y = _data(n=60, d=10, g=4)
+    X, Y = ridge_data(n=60, d=10, g=4)
     alphas = [0.1, 10.0, 1000.0]
     h = RidgeHead(alphas=alphas, cv="gcv").fit(X, Y)
     Xs = StandardScaler().fit_transform(X)
@@ -86,7 +76,7 @@ def test_gcv_equals_brute_force_leave_one_out():
 
 
 def test_gcv_exact_without_standardisation():
-    X, Y = _data(n=50, d=8, g=3)
+    X, Y = ridge_data(n=50, d=8, g=3)
     alphas = [0.5, 50.0]
     h = RidgeHead(alphas=alphas, cv="gcv", standardize=False).fit(X, Y)
     Ys = (Y - Y.mean(0)) / Y.std(0)
@@ -98,7 +88,7 @@ def test_gcv_exact_without_standardisation():
 def test_gcv_exact_near_interpolation(standardize):
     """More features than rows and a small alpha: 1 - h and the residual are tiny, and computing them
     as 1 - (something near 1) in float32 once cost 1e-4 of the score.  Now 1e-6 or better."""
-    X, Y = _data(n=80, d=120, g=5, seed=4)
+    X, Y = ridge_data(n=80, d=120, g=5, seed=4)
     alphas = [0.01, 1.0, 100.0]
     h = RidgeHead(alphas=alphas, cv="gcv", standardize=standardize).fit(X, Y)
     Xs = StandardScaler(with_std=standardize).fit_transform(X)
@@ -126,7 +116,7 @@ def test_per_gene_alphas_differ_when_genes_differ():
 
 
 def test_constant_gene_is_handled():
-    X, Y = _data()
+    X, Y = ridge_data()
     Y[:, 2] = 7.0
     h = RidgeHead().fit(X, Y)
     P = h.predict(X)
@@ -135,7 +125,7 @@ def test_constant_gene_is_handled():
 
 
 def test_one_dimensional_target():
-    X, Y = _data()
+    X, Y = ridge_data()
     h = RidgeHead(alphas=[1.0]).fit(X, Y[:, 0])
     assert h.predict(X).shape == (len(X),)
 
@@ -147,7 +137,7 @@ def test_cuda_without_gpu_raises():
         pytest.skip("GPU present")
     from featurize.errors import DeviceError
 
-    X, Y = _data()
+    X, Y = ridge_data()
     with pytest.raises(DeviceError):
         RidgeHead(device="cuda").fit(X, Y)
 
@@ -156,13 +146,13 @@ def test_cuda_without_gpu_raises():
 @pytest.mark.parametrize("d", [24, 300])
 def test_torch_path_equals_numpy_path(cv, d):
     """The torch code path (what --device cuda runs) gives the numpy path's results."""
-    X, Y = _data(d=d)
+    X, Y = ridge_data(d=d)
     groups = np.repeat(np.arange(4), 40)
     a = RidgeHead(cv=cv).fit(X, Y, groups=groups)
     b = RidgeHead(cv=cv, device="torch-cpu").fit(X, Y, groups=groups)
     np.testing.assert_allclose(a.cv_scores_, b.cv_scores_, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(a.alpha_, b.alpha_)
-    assert _rel(b.predict(X), a.predict(X)) < 1e-4
+    assert rel_err(b.predict(X), a.predict(X)) < 1e-4
 
 
 @pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
@@ -196,7 +186,7 @@ def test_sum_of_squares_without_predictions_equals_forming_them(device):
 def test_ridge_cv_needs_complementary_splits():
     from featurize.errors import UsageError
 
-    X, Y = _data()
+    X, Y = ridge_data()
     bad = [(np.arange(0, 60), np.arange(100, 160)), (np.arange(60, 160), np.arange(0, 60))]
     with pytest.raises(UsageError, match="split 0"):
         RidgeHead(cv=bad).fit(X, Y)
@@ -204,7 +194,7 @@ def test_ridge_cv_needs_complementary_splits():
 
 def test_overlapping_validation_parts_still_exact():
     """Splits whose validation parts overlap (no row layout by fold) score like sklearn refits."""
-    X, Y = _data(n=90)
+    X, Y = ridge_data(n=90)
     rng = np.random.default_rng(0)
     splits = []
     for _ in range(3):
