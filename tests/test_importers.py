@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import HER2ST, VISIUM, needs_her2st, needs_visium
 from featurize.errors import ImportDataError
 from featurize.importers.common import normalize
-from featurize.importers.hest import import_embeddings, import_hest
+from featurize.importers.embeddings import import_embeddings
+from featurize.importers.hest import import_hest
 from featurize.importers.st import import_st
 from featurize.importers.visium import import_visium
 from featurize.table import read_table
@@ -103,7 +104,8 @@ def _fake_hest(root, sample="S1", n=12, genes=15):
     (root / "st").mkdir()
     bcs = [f"BC{i:03d}-1" for i in range(n)]
     with h5py.File(root / "patches" / f"{sample}.h5", "w") as fh:
-        fh["img"] = (rng.random((n, 32, 32, 3)) * 255).astype(np.uint8)
+        img = fh.create_dataset("img", data=(rng.random((n, 32, 32, 3)) * 255).astype(np.uint8))
+        img.attrs.update({"patch_size_src": 64, "patch_size_target": 32, "downsample": 2.0, "pixel_size": 0.5})
         fh["barcode"] = np.array(bcs, dtype="S").reshape(-1, 1)
         fh["coords"] = rng.integers(0, 1000, (n, 2))
     anndata.AnnData(X=rng.poisson(2, (n, genes)).astype(np.float32),
@@ -117,13 +119,16 @@ def test_hest_patches_and_embeddings(tmp_path):
     out = import_hest(tmp_path / "hest", ["S1"], tmp_path / "o", n_genes=5, min_spots=0.0)
     t = read_table(out)
     assert len(t) == 12 and t.ids[0] == "S1_BC000-1"
+    with h5py.File(tmp_path / "hest" / "patches" / "S1.h5") as fh:
+        np.testing.assert_array_equal(t.xy, fh["coords"][()] + 32)  # centres = top-left + patch_size_src / 2
     feats = np.random.default_rng(1).standard_normal((12, 7)).astype(np.float32)
     with h5py.File(tmp_path / "emb.h5", "w") as fh:
         fh["features"] = feats[::-1]
         fh["barcodes"] = np.array(bcs[::-1], dtype="S")
     from featurize.cache import load_features
 
-    p = import_embeddings(tmp_path / "emb.h5", t, "ext", tmp_path / "cache", id_prefix="S1_")
+    p, rep = import_embeddings(tmp_path / "emb.h5", t, "ext", tmp_path / "cache", id_prefix="S1_")
+    assert rep["matched"] == 12
     cache = load_features(t, "ext", tmp_path / "cache")
     np.testing.assert_array_equal(cache.features, feats)
     assert cache.path == p and len(cache.attrs["weights_sha256"]) == 64

@@ -33,11 +33,30 @@ class Slide:
     name: str
     patient: str | None
     keys: list[str]  # spot keys, matched, in spot-file order
-    centers: np.ndarray  # (n, 2) pixel x, y in the image that will be cut
+    centers: np.ndarray  # (n, 2) tile centre x, y in full-resolution (level-0) pixels
     counts: pd.DataFrame  # (n, genes) raw counts, index = keys
     image: Path | None = None
-    tile_px: float | None = None
+    tile_px: float | None = None  # tile side in pixels of ``image`` (the image that is cut)
+    image_scale: float = 1.0  # pixels of ``image`` per full-resolution pixel (Visium lowres/hires < 1)
+    pixels_per_um: float | None = None  # full-resolution pixels per micrometre
     report: dict[str, Any] = field(default_factory=dict)
+
+
+#: The coordinate convention of every importer's table, stated once.
+COORDINATES = "x, y = tile centre in full-resolution (level-0) pixels of the slide image"
+
+
+def tile_size_px(tile_um: float | None, tile_px: float | None, pixels_per_um: float) -> float:
+    """Tile side in full-resolution pixels from exactly one of ``tile_um`` / ``tile_px``."""
+    if (tile_um is None) == (tile_px is None):
+        raise ImportDataError("give exactly one of --tile-um and --tile-px.")
+    if tile_px is not None:
+        if tile_px <= 0:
+            raise ImportDataError(f"--tile-px {tile_px}: must be positive.")
+        return float(tile_px)
+    if tile_um <= 0:
+        raise ImportDataError(f"--tile-um {tile_um}: must be positive.")
+    return float(tile_um) * float(pixels_per_um)
 
 
 def match_spots(slide: str, spot_keys: Sequence[str], count_keys: Sequence[str], spot_file: Path,
@@ -123,7 +142,7 @@ def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]
     except OSError as exc:
         raise ImportDataError(f"{slide.image}: cannot be read as an image ({exc}).") from exc
     W, H = img.size
-    cx, cy = slide.centers[:, 0], slide.centers[:, 1]
+    cx, cy = slide.centers[:, 0] * slide.image_scale, slide.centers[:, 1] * slide.image_scale
     outside = (cx < 0) | (cy < 0) | (cx >= W) | (cy >= H)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
@@ -133,7 +152,7 @@ def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]
         )
     paths, padded = [], 0
     side = int(round(slide.tile_px))
-    for key, (x, y) in zip(slide.keys, slide.centers):
+    for key, x, y in zip(slide.keys, cx, cy):
         left, top = int(round(x - half)), int(round(y - half))
         box = (left, top, left + side, top + side)
         if left < 0 or top < 0 or box[2] > W or box[3] > H:
@@ -174,12 +193,15 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
             paths, padded = cut_tiles(s, out_dir, out_px)
         s.report["tiles_padded_at_border"] = padded
         s.report["tile_px"] = s.tile_px
+        if s.pixels_per_um:
+            s.report["tile_um"] = s.tile_px / s.image_scale / s.pixels_per_um if s.tile_px else None
         meta = pd.DataFrame({"ID": [f"{s.name}_{k}" for k in s.keys], "path": paths, "slide": s.name,
                              "patient": s.patient if s.patient is not None else s.name,
                              "x": s.centers[:, 0], "y": s.centers[:, 1]})
         frames.append(pd.concat([meta, pd.DataFrame(norm[:, cols].astype(np.float32), columns=genes)], axis=1))
     table = pd.concat(frames, ignore_index=True)
-    sidecar = {"table": f"{name}.csv", "normalize": normalize_mode, "out_px": out_px, "genes": gene_report,
+    sidecar = {"table": f"{name}.csv", "coordinates": COORDINATES, "normalize": normalize_mode, "out_px": out_px,
+               "genes": gene_report,
                "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
     sidecar.update(extra or {})
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))

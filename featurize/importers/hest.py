@@ -1,12 +1,16 @@
-"""HEST-1k samples, and embeddings already extracted by TRIDENT / CLAM / HEST.
+"""HEST-1k samples (patches already cut by hestcore).
 
-* Patches: ``patches/<id>.h5`` with ``img`` (N, H, W, 3) uint8, ``barcode``
-  (N,) or (N, 1) and ``coords`` (N, 2); expression in ``st/<id>.h5ad``
-  (AnnData, spots x genes, raw counts).  The patches are written as PNG tiles.
-* Embeddings: an HDF5 file with ``features`` or ``embeddings`` (N, D) and
-  ``barcodes``/``barcode`` or ``coords`` to align them to a tile table; they
-  become a regular hexpress cache (keyed by the file's sha256), so ``fit``
-  uses them without re-embedding.
+``patches/<id>.h5`` as hestcore's ``WSIPatcher.to_h5`` writes it: ``img``
+(N, H, W, 3) uint8 with attributes ``patch_size_src`` (level-0 pixels),
+``patch_size_target``, ``downsample`` and ``pixel_size`` (level-0 um per
+pixel); ``barcode`` (N, 1) variable-length strings (read back as bytes);
+``coords`` (N, 2) the patch's **top-left corner** in level-0 pixels.
+Expression: ``st/<id>.h5ad`` (AnnData, spots x genes, raw counts).  The
+patches are written as PNG tiles, and the table's x, y are patch centres
+(corner + ``patch_size_src`` / 2), the convention of every importer.
+
+Embeddings extracted by HEST's benchmark, TRIDENT or CLAM are read by
+:mod:`featurize.importers.embeddings`.
 """
 from __future__ import annotations
 
@@ -18,15 +22,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from featurize.backbones import BackboneSpec
-from featurize.cache import CacheKey, CacheWriter, cache_path
 from featurize.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, match_spots
-from featurize.table import TileTable
-from featurize.weights import ResolvedWeights, sha256_file
 
 
-def _strings(ds) -> np.ndarray:
+def h5_strings(ds) -> np.ndarray:
+    """(N,) or (N, 1) strings from HDF5, fixed-length bytes or variable-length (as hestcore writes them)."""
     arr = ds[()]
     arr = arr.reshape(-1) if arr.ndim > 1 else arr
     return np.array([a.decode() if isinstance(a, bytes) else str(a) for a in arr])
@@ -61,8 +62,9 @@ def read_hest_sample(root: str | Path, sample: str, out_dir: Path, min_spots: fl
     try:
         with h5py.File(pfile, "r") as fh:
             imgs = fh["img"]
-            barcodes = _strings(fh["barcode"])
+            barcodes = h5_strings(fh["barcode"])
             coords = np.asarray(fh["coords"][()], dtype=float).reshape(len(barcodes), -1)[:, :2]
+            geometry = {k: (v.item() if hasattr(v, "item") else v) for k, v in imgs.attrs.items()}
             counts = read_h5ad_counts(stfile, min_spots)
             keys, report = match_spots(sample, barcodes, counts.index, pfile, stfile)
             pos = {b: i for i, b in enumerate(barcodes)}
@@ -73,8 +75,15 @@ def read_hest_sample(root: str | Path, sample: str, out_dir: Path, min_spots: fl
     except (OSError, KeyError) as exc:
         raise ImportDataError(f"{pfile}: not a HEST patches file with img/barcode/coords ({exc}).") from exc
     idx = [pos[k] for k in keys]
-    slide = Slide(name=sample, patient=None, keys=list(keys), centers=coords[idx], counts=counts.loc[keys],
-                  image=None, tile_px=None, report=report)
+    src = geometry.get("patch_size_src")
+    if src is None:
+        raise ImportDataError(f"{pfile}: 'img' has no patch_size_src attribute, so the patch centres are unknown "
+                              "(coords are top-left corners); re-patch the sample with hestcore.")
+    ppu = 1.0 / float(geometry["pixel_size"]) if geometry.get("pixel_size") else None
+    report.update({"pixel_size_method": "hestcore patch attributes (pixel_size)" if ppu else "unknown",
+                   "pixels_per_um": ppu, "patch_geometry": geometry, "coords_in_file": "top-left, level 0"})
+    slide = Slide(name=sample, patient=None, keys=list(keys), centers=coords[idx] + float(src) / 2.0,
+                  counts=counts.loc[keys], image=None, tile_px=float(src), pixels_per_um=ppu, report=report)
     slide.report["pre_cut"] = True
     return slide
 
@@ -87,52 +96,3 @@ def import_hest(root: str | Path, samples: Sequence[str], out_dir: str | Path, *
     slides = [read_hest_sample(root, s, out_dir) for s in samples]
     return build_table(slides, out_dir, name, out_px=out_px, normalize_mode=normalize_mode, n_genes=n_genes,
                        gene_list=gene_list, min_spots=min_spots, extra={"format": "hest", "source": str(root)})
-
-
-def import_embeddings(h5: str | Path, table: TileTable, backbone: str, cache_dir: str | Path = "cache",
-                      id_prefix: str = "") -> Path:
-    """Turn an external embedding file into a hexpress cache aligned to ``table``.
-
-    Rows are matched by barcode (``<id_prefix><barcode>`` == table ID) or, when
-    the file has only coordinates, by (x, y) == the table's x, y.
-    """
-    h5 = Path(h5)
-    try:
-        with h5py.File(h5, "r") as fh:
-            key = "features" if "features" in fh else "embeddings" if "embeddings" in fh else None
-            if key is None:
-                raise ImportDataError(f"{h5}: no 'features' or 'embeddings' dataset.")
-            feats = np.asarray(fh[key][()], dtype=np.float32)
-            feats = feats.reshape(feats.shape[-2], feats.shape[-1]) if feats.ndim == 3 else feats
-            bkey = "barcodes" if "barcodes" in fh else "barcode" if "barcode" in fh else None
-            names = _strings(fh[bkey]) if bkey else None
-            coords = np.asarray(fh["coords"][()], dtype=float).reshape(len(feats), -1)[:, :2] if "coords" in fh else None
-    except OSError as exc:
-        raise ImportDataError(f"{h5}: not a readable HDF5 file ({exc}).") from exc
-    if names is not None:
-        pos = {f"{id_prefix}{b}": i for i, b in enumerate(names)}
-        how = "barcode"
-        rows = [pos.get(i) for i in table.ids]
-    elif coords is not None and table.xy is not None:
-        pos = {(round(x, 3), round(y, 3)): i for i, (x, y) in enumerate(coords)}
-        how = "coords"
-        rows = [pos.get((round(x, 3), round(y, 3))) for x, y in table.xy]
-    else:
-        raise ImportDataError(f"{h5}: has neither barcodes nor coords matching the table's x/y to align rows.")
-    missing = [table.ids[i] for i, r in enumerate(rows) if r is None]
-    if missing:
-        raise ImportDataError(f"{h5}: {len(missing)} table rows have no embedding by {how} (first: {missing[:3]}); "
-                              "embed those tiles or drop them from the table.")
-    spec = BackboneSpec(name=backbone, architecture=f"external:{h5.name}", weights="none", input_size=0,
-                        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear",
-                        embed_dim=int(feats.shape[1]), notes="imported from an external embedding file")
-    weights = ResolvedWeights("external-file", str(h5.resolve()), sha256_file(h5), False)
-    ckey = CacheKey(table.name, table.fingerprint(), spec, weights, 1, "float32")
-    final = cache_path(cache_dir, ckey)
-    writer = CacheWriter(final, ckey, table.ids, spec.embed_dim)
-    writer.open()
-    try:
-        writer.write(0, feats[np.asarray(rows)])
-        return writer.finalize()
-    finally:
-        writer.close()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from featurize.errors import ImportDataError
-from featurize.importers.common import Slide, build_table, match_spots
+from featurize.importers.common import Slide, build_table, match_spots, tile_size_px
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of neighbouring ST spots
 
@@ -64,11 +64,10 @@ def read_st_slide(name: str, counts: Path, spots: Path, image: Path, patient: st
     sdf = sdf.set_index("key").loc[keys]
     ppu = pixels_per_um(sdf)
     report["pixels_per_um"] = ppu
-    if (tile_um is None) == (tile_px is None):
-        raise ImportDataError("give exactly one of --tile-um and --tile-px.")
-    size = float(tile_px) if tile_px is not None else tile_um * ppu
+    report["pixel_size_method"] = f"linear fit of pixel on array position, {ST_PITCH_UM:g} um pitch"
+    size = tile_size_px(tile_um, tile_px, ppu)
     return Slide(name=name, patient=patient, keys=list(keys), centers=sdf[["pixel_x", "pixel_y"]].to_numpy(float),
-                 counts=cdf.loc[keys], image=Path(image), tile_px=size, report=report)
+                 counts=cdf.loc[keys], image=Path(image), tile_px=size, pixels_per_um=ppu, report=report)
 
 
 def her2st_sections(root: str | Path) -> list[str]:
