@@ -1,21 +1,28 @@
-"""HDF5 embedding caches: one file per (table, backbone, weights, preprocessing, TTA).
+"""HDF5 embedding caches: one file per (table, backbone, weights, preprocessing, TTA), rows keyed by content.
 
-On-disk contract (``FORMAT_VERSION`` 1), ``<cache_dir>/<table>/<backbone>-<fp16>.h5``:
+On-disk contract (``FORMAT_VERSION`` 2), ``<cache_dir>/<table stem>/<backbone>-<fp16>.h5``, where
+``fp16`` is the start of the key fingerprint (everything that changes the numbers *except* the
+table: backbone spec, weight sha256 / random-init flag, TTA, stored dtype, compute precision,
+import parameters):
 
-* ``ids``      (N,)   UTF-8 strings, the table's IDs in table order;
-* ``features`` (N, D) float16 (default) or float32, chunked by rows;
-* ``valid``    (N,)   bool, False for tiles skipped with ``--skip-bad``;
-* attributes: ``hexpress_format``, ``fingerprint`` (sha256 of ``key_json``),
-  ``key_json`` (everything that changes the numbers: table fingerprint,
-  backbone spec, weight sha256 / random-init flag, TTA, dtype), ``backbone``,
-  ``table``, ``table_fingerprint``, ``random_init``, ``weights_sha256``,
-  ``weights_source``, ``tta``, ``tool_version``, ``created``, ``rows_done``,
-  ``complete``.
+* ``ids``      (N,)    UTF-8 strings, the table's IDs in table order;
+* ``paths``    (N,)    UTF-8 strings, each tile's absolute path when it was embedded;
+* ``digests``  (N,)    S64, sha256 (hex) of each tile's bytes ("" for imported embeddings);
+* ``stats``    (N, 2)  int64, the tile file's (size, mtime_ns) when it was hashed;
+* ``features`` (N, D)  float16 (default) or float32, chunked by rows, all finite;
+* ``valid``    (N,)    bool, False for tiles skipped with ``--skip-bad`` or unmatched imports;
+* ``done``     (N,)    bool, rows written (all True in a complete file);
+* attributes: ``hexpress_format``, ``fingerprint`` (sha256 of ``key_json``), ``key_json``,
+  ``backbone``, ``architecture``, ``table``, ``table_fingerprint`` (sha256 over (ID, digest) rows:
+  what the tiles are, set when complete), ``random_init``, ``weights_sha256``, ``weights_source``,
+  ``weights_path``, ``tta``, ``dtype``, ``compute``, ``tool_version``, ``versions`` (JSON: torch,
+  timm, ... that wrote it; not part of the key), ``created``, ``rows_done``, ``complete``.
 
-A file is written as ``<name>.h5.partial`` batch by batch (``rows_done``
-after each flush) and renamed to ``<name>.h5`` only once every row is
-written, so a finished-looking file is always complete.  An interrupted run
-resumes from the partial file when its key still matches.
+A file is written as ``<name>.h5.partial`` batch by batch (``done`` after each flush) and renamed
+to ``<name>.h5`` only once every row is written, so a finished-looking file is always complete.
+Re-embedding a table reuses every row whose ID and tile content are unchanged
+(:mod:`featurize.digests`): only new or changed tiles go through the network again.  An
+interrupted run resumes from the partial file when its key still matches.
 """
 from __future__ import annotations
 
@@ -26,27 +33,28 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 
 from featurize import __version__
 from featurize.backbones import BackboneSpec
+from featurize.digests import DIGEST_DTYPE, NO_STAT, RowPlan, content_fingerprint, file_digest, plan_rows
 from featurize.errors import CacheError
 from featurize.weights import ResolvedWeights
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIN_CHUNK_ROWS = 256
 _STR = h5py.string_dtype(encoding="utf-8")
+_VERSIONED = ("torch", "torchvision", "timm", "numpy", "h5py", "hexpress")
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that changes the cached numbers."""
+    """Everything that changes the cached numbers, and the table the file belongs to."""
 
     table_name: str
-    table_fingerprint: str
     spec: BackboneSpec
     weights: ResolvedWeights
     tta: int
@@ -55,15 +63,15 @@ class CacheKey:
     params: str = ""  # JSON of source parameters that change the numbers (imported embeddings: how rows were matched)
 
     def key_dict(self) -> dict[str, Any]:
+        spec = self.spec.to_dict()
+        spec.pop("notes", None)  # cosmetic
         return {
             "format": FORMAT_VERSION,
-            "table_fingerprint": self.table_fingerprint,
-            "spec": self.spec.to_dict(),
+            "spec": spec,
             "weights_sha256": self.weights.sha256,
             "random_init": self.weights.random_init,
             "tta": self.tta,
             "dtype": self.dtype,
-            # only when not float32, so the fingerprints of float32 caches stay what they were
             **({"compute": self.compute} if self.compute != "float32" else {}),
             **({"params": json.loads(self.params)} if self.params else {}),
         }
@@ -92,40 +100,104 @@ def lock_path(final: Path) -> Path:
     return final.with_name(final.name + ".lock")
 
 
-class CacheWriter:
-    """Writes one cache batch by batch, resumable, renamed into place when complete."""
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    def __init__(self, final: Path, key: CacheKey, ids: np.ndarray, dim: int, extra_attrs: dict[str, Any] | None = None):
+    out = {}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return json.dumps(out, sort_keys=True)
+
+
+def _rows_of(fh: h5py.File) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, digests, stats) of an open cache file."""
+    return fh["ids"].asstr()[()], fh["digests"][()], fh["stats"][()]
+
+
+class CacheWriter:
+    """Writes one cache batch by batch, resumable, renamed into place when complete.
+
+    ``open`` returns the table rows still to embed: none of a resumed file's
+    rows that are done and fresh, none of a previous complete cache's rows
+    whose ID and content are unchanged (they are copied), every other row.
+    """
+
+    def __init__(self, final: Path, key: CacheKey, ids: np.ndarray, dim: int, paths: Sequence[str] | None = None,
+                 extra_attrs: dict[str, Any] | None = None):
         self.final = Path(final)
-        self.extra_attrs = dict(extra_attrs or {})
         self.partial = partial_path(self.final)
         self.key = key
         self.ids = np.asarray(ids).astype(str)
+        self.paths = [str(p) for p in paths] if paths is not None else [""] * len(self.ids)
         self.dim = int(dim)
+        self.extra_attrs = dict(extra_attrs or {})
         self._fh: h5py.File | None = None
+        self.reused = 0
 
     # -- opening -----------------------------------------------------------
-    def open(self) -> int:
-        """Open (resuming when the partial file matches); returns rows already done."""
+    def open(self, previous: Path | None = None) -> np.ndarray:
+        """Open (resuming when the partial file matches, reusing ``previous``); returns the rows to embed."""
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             try:
                 fh = h5py.File(self.partial, "r+")
-                ok = (
-                    fh.attrs.get("fingerprint") == self.key.fingerprint()
-                    and fh["features"].shape == (len(self.ids), self.dim)
-                    and np.array_equal(fh["ids"].asstr()[()], self.ids)
-                )
+                ok = (fh.attrs.get("fingerprint") == self.key.fingerprint()
+                      and fh["features"].shape == (len(self.ids), self.dim)
+                      and np.array_equal(fh["ids"].asstr()[()], self.ids))
             except (OSError, KeyError):
                 ok, fh = False, None
             if ok:
                 self._fh = fh
-                return int(fh.attrs["rows_done"])
+                done = fh["done"][()]
+                ids, digests, stats = _rows_of(fh)
+                plan = plan_rows(self.ids, self.paths, ids, digests, stats, reusable=done)
+                stale = np.flatnonzero(done & (plan.source != np.arange(len(self.ids))))
+                if len(stale):  # done before the interruption, changed since: embed again
+                    done[stale] = False
+                    fh["done"][...] = done
+                self._apply_stats(plan.new_stats)
+                return np.flatnonzero(~done)
             if fh is not None:
                 fh.close()
             self.partial.unlink()
         self._fh = self._create()
-        return 0
+        if previous is not None:
+            self._reuse(previous)
+        return np.flatnonzero(~self._fh["done"][()])
+
+    def _reuse(self, previous: Path) -> None:
+        """Copy the rows of a complete cache (same key) whose ID and tile content still match."""
+        try:
+            with h5py.File(previous, "r") as old:
+                ids, digests, stats = _rows_of(old)
+                plan = plan_rows(self.ids, self.paths, ids, digests, stats)
+                rows = np.flatnonzero(plan.source >= 0)
+                fh = self._fh
+                for s in range(0, len(rows), 4096):
+                    r = rows[s : s + 4096]
+                    src = plan.source[r]
+                    order = np.argsort(src)
+                    uniq = src[order]
+                    back = np.empty_like(order)
+                    back[order] = np.arange(len(order))
+                    fh["features"][r] = old["features"][uniq][back]
+                    fh["valid"][r] = old["valid"][uniq][back]
+                    fh["digests"][r] = digests[src]
+                    fh["stats"][r] = np.array([plan.new_stats.get(int(j), tuple(stats[j])) for j in src], dtype=np.int64)
+                    fh["done"][r] = True
+        except (OSError, KeyError):
+            return  # an unreadable previous cache simply offers nothing to reuse
+        self.reused = int(len(rows))
+        fh.attrs["rows_done"] = self.reused
+        fh.flush()
+
+    def _apply_stats(self, new_stats: dict[int, tuple[int, int]]) -> None:
+        if new_stats:
+            rows = np.array(sorted(new_stats))
+            self._fh["stats"][rows] = np.array([new_stats[int(r)] for r in rows], dtype=np.int64)
 
     def _create(self) -> h5py.File:
         n = len(self.ids)
@@ -133,9 +205,13 @@ class CacheWriter:
         try:
             fh = h5py.File(self.partial, "w")
             fh.create_dataset("ids", data=self.ids.astype(object), dtype=_STR)
+            fh.create_dataset("paths", data=np.asarray(self.paths, dtype=object), dtype=_STR)
+            fh.create_dataset("digests", shape=(n,), dtype=DIGEST_DTYPE)
+            fh.create_dataset("stats", shape=(n, 2), dtype=np.int64, fillvalue=NO_STAT[0])
             fh.create_dataset("features", shape=(n, self.dim), dtype=dtype,
                               chunks=(min(n, max(MIN_CHUNK_ROWS, 1)), self.dim))
             fh.create_dataset("valid", shape=(n,), dtype=bool, fillvalue=True)
+            fh.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
             spec, w = self.key.spec, self.key.weights
             attrs = {
                 "hexpress_format": FORMAT_VERSION,
@@ -144,7 +220,7 @@ class CacheWriter:
                 "backbone": spec.name,
                 "architecture": spec.architecture,
                 "table": self.key.table_name,
-                "table_fingerprint": self.key.table_fingerprint,
+                "table_fingerprint": "",
                 "random_init": bool(w.random_init),
                 "weights_sha256": w.sha256 or "",
                 "weights_source": w.source,
@@ -153,6 +229,7 @@ class CacheWriter:
                 "dtype": self.key.dtype,
                 "compute": self.key.compute,
                 "tool_version": __version__,
+                "versions": _versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "rows_done": 0,
                 "complete": False,
@@ -166,29 +243,54 @@ class CacheWriter:
         return fh
 
     # -- writing -----------------------------------------------------------
-    def write(self, start: int, feats: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Write rows ``start:start+len(feats)`` and record progress durably."""
-        assert self._fh is not None, "open() first"
-        end = start + len(feats)
+    def write(self, rows: np.ndarray, feats: np.ndarray, valid: np.ndarray | None = None,
+              digests: Sequence[str] | None = None, stats: np.ndarray | None = None) -> None:
+        """Write table rows ``rows`` (increasing) and record them as done, durably.
+
+        Refuses non-finite features (e.g. activations beyond float16's range)
+        before anything is written, naming the rows.
+        """
+        if self._fh is None:
+            raise CacheError(f"{self.partial}: the cache writer is not open.")
+        rows = np.asarray(rows, dtype=np.int64)
+        with np.errstate(over="ignore"):  # overflow to inf is what the check below reports
+            stored = np.asarray(feats).astype(self._fh["features"].dtype)
+        ok = np.ones(len(rows), bool) if valid is None else np.asarray(valid, bool)
+        bad = np.flatnonzero(ok & ~np.isfinite(stored).all(axis=1))
+        if len(bad):
+            first = ", ".join(self.ids[rows[bad[:3]]])
+            hint = (" (beyond float16's range: rerun embed with --dtype float32)" if self.key.dtype == "float16"
+                    else "; the backbone produced NaN or inf for these tiles: check them, or --skip-bad them")
+            raise CacheError(f"{self.partial}: {len(bad)} rows give non-finite features (first: {first}){hint}.")
         try:
-            self._fh["features"][start:end] = feats
-            if valid is not None and not valid.all():
-                self._fh["valid"][start:end] = valid
-            self._fh.attrs["rows_done"] = end
-            self._fh.flush()
+            fh = self._fh
+            fh["features"][rows] = stored
+            fh["valid"][rows] = ok
+            if digests is not None:
+                fh["digests"][rows] = np.asarray([d.encode() if isinstance(d, str) else d for d in digests], dtype=DIGEST_DTYPE)
+            if stats is not None:
+                fh["stats"][rows] = np.asarray(stats, dtype=np.int64)
+            fh["done"][rows] = True
+            fh.attrs["rows_done"] = int(fh.attrs["rows_done"]) + len(rows)
+            fh.flush()
         except OSError as exc:
             raise CacheError(
-                f"{self.partial}: write failed at row {start} ({exc}); free disk space and rerun - "
-                f"the {start} rows already written are kept and the run resumes there."
+                f"{self.partial}: write failed at row {int(rows[0])} ({exc}); free disk space and rerun - "
+                "the rows already written are kept and the run resumes there."
             ) from exc
 
     def finalize(self) -> Path:
-        """Mark complete and rename into place; returns the final path."""
-        assert self._fh is not None
+        """Mark complete (content fingerprint set) and rename into place; returns the final path."""
+        if self._fh is None:
+            raise CacheError(f"{self.partial}: the cache writer is not open.")
         fh = self._fh
-        if int(fh.attrs["rows_done"]) != len(self.ids):
-            raise CacheError(f"{self.partial}: only {fh.attrs['rows_done']} of {len(self.ids)} rows written; rerun embed to finish.")
+        done = fh["done"][()]
+        if not done.all():
+            raise CacheError(f"{self.partial}: only {int(done.sum())} of {len(self.ids)} rows written; rerun embed to finish.")
         try:
+            digests = [d.decode() for d in fh["digests"][()]]
+            fh.attrs["table_fingerprint"] = content_fingerprint(self.ids, digests)
+            fh.attrs["rows_done"] = len(self.ids)
             fh.attrs["complete"] = True
             fh.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             fh.flush()
@@ -205,6 +307,18 @@ class CacheWriter:
                 self._fh.close()
             finally:
                 self._fh = None
+
+
+def update_stats(path: Path, new_stats: dict[int, tuple[int, int]]) -> None:
+    """Record refreshed stats of unchanged tiles in a complete cache (so they are not hashed again)."""
+    if not new_stats:
+        return
+    rows = np.array(sorted(new_stats))
+    try:
+        with h5py.File(path, "r+") as fh:
+            fh["stats"][rows] = np.array([new_stats[int(r)] for r in rows], dtype=np.int64)
+    except OSError:
+        return  # read-only cache: the tiles are simply hashed again next time
 
 
 # -- reading ---------------------------------------------------------------
@@ -228,13 +342,22 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise CacheError(f"{path}: not a readable HDF5 file (truncated or foreign: {exc}); delete it and rerun embed.") from exc
+        raise CacheError(f"{path}: the cache file is damaged (truncated or not HDF5: {exc}); rerun embed, "
+                         "which replaces it.") from exc
+
+
+class OldCacheFormat(CacheError):
+    """A cache written by an earlier hexpress (another FORMAT_VERSION)."""
 
 
 def _checked_attrs(fh: h5py.File, path: Path) -> dict[str, Any]:
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
-    if attrs.get("hexpress_format") != FORMAT_VERSION or "features" not in fh or "ids" not in fh:
-        raise CacheError(f"{path}: not a hexpress cache (format {attrs.get('hexpress_format')!r}); delete it or rerun embed.")
+    fmt = attrs.get("hexpress_format")
+    if isinstance(fmt, int) and fmt != FORMAT_VERSION and "features" in fh:
+        raise OldCacheFormat(f"{path}: cache format {fmt} was written by an earlier hexpress (this one reads "
+                             f"{FORMAT_VERSION}); rerun embed to rebuild it.")
+    if fmt != FORMAT_VERSION or "features" not in fh or "ids" not in fh:
+        raise CacheError(f"{path}: not a hexpress cache (format {fmt!r}); delete it or rerun embed.")
     attrs["n_rows"], attrs["dim"] = fh["features"].shape
     attrs["n_valid"] = int(fh["valid"][()].sum()) if "valid" in fh else attrs["n_rows"]
     return attrs
@@ -248,18 +371,57 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_cache(path: str | os.PathLike, expect_ids: np.ndarray | None = None) -> EmbeddingCache:
-    """Load a complete cache (one open of the file); refuses incomplete files and (optionally) other IDs."""
+    """Load a complete cache (one open of the file); refuses incomplete files, non-finite rows and other IDs."""
     path = Path(path)
     with _open(path) as fh:
         attrs = _checked_attrs(fh, path)
         if not attrs.get("complete") or path.name.endswith(".partial"):
             raise CacheError(f"{path}: cache is incomplete ({attrs.get('rows_done')} of {attrs['n_rows']} rows); rerun embed to finish it.")
-        ids = fh["ids"].asstr()[()]
-        feats = fh["features"][()].astype(np.float32)
-        valid = fh["valid"][()] if "valid" in fh else np.ones(len(ids), bool)
+        try:
+            ids = fh["ids"].asstr()[()]
+            feats = fh["features"][()].astype(np.float32)
+            valid = fh["valid"][()] if "valid" in fh else np.ones(len(ids), bool)
+        except (OSError, KeyError) as exc:
+            raise CacheError(f"{path}: the cache file is damaged ({exc}); rerun embed, which replaces it.") from exc
+    bad = np.flatnonzero(valid & ~np.isfinite(feats).all(axis=1))
+    if len(bad):
+        raise CacheError(f"{path}: {len(bad)} rows hold NaN or inf (first: {', '.join(ids[bad[:3]])}); rebuild it "
+                         f"with `python cli.py embed ... --dtype float32` (float16 overflows on large activations).")
     if expect_ids is not None and not np.array_equal(ids, np.asarray(expect_ids).astype(str)):
         raise CacheError(f"{path}: cache IDs no longer match the tile table; rerun embed to rebuild it.")
     return EmbeddingCache(path, ids[valid], feats[valid], attrs)
+
+
+def plan_for(table, path: Path) -> RowPlan:
+    """How the cache at ``path`` serves ``table`` row by row (computed once per table object)."""
+    def compute() -> RowPlan:
+        with _open(path) as fh:
+            ids, digests, stats = _rows_of(fh)
+        return plan_rows(table.ids, table.paths, ids, digests, stats)
+
+    return table.memo(("plan", str(Path(path).resolve()), Path(path).stat().st_mtime_ns), compute)
+
+
+def _rebuild_hint(table, attrs: dict[str, Any]) -> str:
+    if attrs.get("weights_source") == "external-file":
+        return (f"rerun `python cli.py import-embeddings --data {table.source} ... --backbone {attrs['backbone']}` "
+                "(imported embeddings cannot be re-embedded)")
+    return (f"rerun `python cli.py embed --data {table.source} --backbone {attrs['backbone']}` "
+            "(only new and changed tiles are embedded)")
+
+
+def check_fresh(table, path: Path, attrs: dict[str, Any]) -> RowPlan:
+    """Refuse a cache that does not hold every table row with unchanged tile content."""
+    plan = plan_for(table, path)
+    if plan.changed or plan.new:
+        what = []
+        if plan.changed:
+            what.append(f"{len(plan.changed)} tiles changed content (first: {table.ids[plan.changed[0]]})")
+        if plan.new:
+            what.append(f"{len(plan.new)} rows are not in it (first: {table.ids[plan.new[0]]})")
+        raise CacheError(f"{path}: stale for {table.source}: {' and '.join(what)}; {_rebuild_hint(table, attrs)}.")
+    update_stats(path, plan.new_stats)
+    return plan
 
 
 def list_caches(cache_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any] | str]]:
@@ -278,8 +440,12 @@ def list_caches(cache_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]
     return out
 
 
-def verify_cache(path: str | os.PathLike) -> list[str]:
-    """Problems found in a cache (empty list = sound)."""
+def verify_cache(path: str | os.PathLike, deep: bool = False) -> list[str]:
+    """Problems found in a cache (empty list = sound).
+
+    ``deep`` also re-hashes every tile the cache was built from and reports
+    those whose bytes changed or that are gone.
+    """
     path = Path(path)
     problems: list[str] = []
     attrs = read_attrs(path)
@@ -287,49 +453,73 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         problems.append("fingerprint does not match key_json (file edited or corrupt)")
     if not attrs.get("complete"):
         problems.append(f"incomplete: {attrs.get('rows_done')} of {attrs['n_rows']} rows written")
-    if int(attrs.get("rows_done", -1)) != attrs["n_rows"]:
-        problems.append(f"rows_done {attrs.get('rows_done')} != rows {attrs['n_rows']}")
     with _open(path) as fh:
-        ids = fh["ids"].asstr()[()]
+        ids, digests, _ = _rows_of(fh)
         if len(set(ids)) != len(ids):
             problems.append("duplicate IDs")
+        if attrs.get("complete") and not fh["done"][()].all():
+            problems.append("marked complete but not every row is done")
         bad = 0
         for s in range(0, len(ids), 4096):
             block = fh["features"][s : s + 4096]
             bad += int((~np.isfinite(block)).any(axis=1).sum())
         if bad:
             problems.append(f"{bad} rows hold NaN or inf")
+        if attrs.get("complete") and content_fingerprint(ids, [d.decode() for d in digests]) != attrs.get("table_fingerprint"):
+            problems.append("table_fingerprint does not match the stored tile digests")
+        if deep:
+            paths = fh["paths"].asstr()[()]
+            changed, missing = [], []
+            for i, (p, d) in enumerate(zip(paths, digests)):
+                d = d.decode()
+                if not d:
+                    continue  # imported embeddings: no tile behind the row
+                now = file_digest(p)
+                if not now:
+                    missing.append(ids[i])
+                elif now != d:
+                    changed.append(ids[i])
+            if changed:
+                problems.append(f"{len(changed)} tiles changed content since they were embedded (first: {changed[0]}); "
+                                "rerun embed to refresh those rows")
+            if missing:
+                problems.append(f"{len(missing)} tiles are gone (first: {missing[0]}); their features cannot be re-checked")
     return problems
 
 
 def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
-    """The one complete, current cache for ``table`` x ``backbone``.
+    """The one complete cache for ``table`` x ``backbone``, checked fresh row by row.
 
-    Refuses with :class:`CacheError` when none exists, when only stale ones
-    exist (table changed since), or when several differ (e.g. TTA 1 and 8),
-    naming them so the user can pass ``--cache FILE``.
+    Refuses with :class:`CacheError` when none exists, when it is stale (tiles
+    changed or rows added since: it says which and how to refresh it), damaged
+    or of an older format, or when several differ (e.g. TTA 1 and 8), naming
+    them so the user can pass ``--cache FILE``.
     """
     folder = Path(cache_dir) / _safe(table.name)
-    fp = table.fingerprint()
-    current, stale = [], []
+    current, damaged, old = [], [], []
     for p in sorted(folder.glob(f"{_safe(backbone)}-*.h5")):
         try:
             attrs = read_attrs(p)
-        except CacheError:
+        except OldCacheFormat:
+            old.append(p)
             continue
-        if attrs.get("backbone") != backbone or not attrs.get("complete"):
+        except CacheError as exc:
+            damaged.append((p, exc))
             continue
-        (current if attrs.get("table_fingerprint") == fp else stale).append((p, attrs))
-    if len(current) == 1:
-        return current[0][0]
+        if attrs.get("backbone") == backbone and attrs.get("complete"):
+            current.append((p, attrs))
     if len(current) > 1:
-        desc = "; ".join(f"{p} (tta {a['tta']}, weights {a['weights_source']}{', RANDOM-INIT' if a['random_init'] else ''})" for p, a in current)
+        desc = "; ".join(f"{p} (tta {a['tta']}, dtype {a['dtype']}, weights {a['weights_source']}"
+                         f"{', RANDOM-INIT' if a['random_init'] else ''})" for p, a in current)
         raise CacheError(f"several caches for backbone '{backbone}' and table {table.source}: {desc}; choose one with --cache FILE.")
-    if stale:
-        raise CacheError(
-            f"{stale[0][0]}: cache was built for an older version of {table.source} (IDs, paths or files changed); "
-            f"rerun `python cli.py embed --data {table.source} --backbone {backbone}`."
-        )
+    if current:
+        check_fresh(table, *current[0])
+        return current[0][0]
+    if damaged:
+        raise damaged[0][1]
+    if old:
+        raise CacheError(f"{old[0]}: written by an earlier hexpress in another cache format; rerun "
+                         f"`python cli.py embed --data {table.source} --backbone {backbone}` to rebuild it.")
     raise CacheError(
         f"no cache for backbone '{backbone}' and table {table.source} under {folder}; "
         f"run `python cli.py embed --data {table.source} --backbone {backbone}` first."
@@ -340,13 +530,15 @@ def load_features(table, backbone: str | None = None, cache_dir: str | os.PathLi
                   cache_file: str | os.PathLike | None = None) -> EmbeddingCache:
     """The API later stages use: features for ``table`` aligned to its IDs.
 
-    Rows skipped at embed time (``--skip-bad``) are absent; use ``.ids`` to
-    align targets.
+    The cache must hold every table row with unchanged tile content (checked
+    by stat, re-hashing only tiles whose stat changed, once per table
+    object).  Rows skipped at embed time (``--skip-bad``) are absent; use
+    ``.ids`` to align targets.
     """
     path = Path(cache_file) if cache_file else find_cache(table, backbone, cache_dir)
     cache = read_cache(path)
-    if cache_file and cache.attrs.get("table_fingerprint") != table.fingerprint():
-        raise CacheError(f"{path}: cache was built for another version of {table.source}; rerun embed.")
+    if cache_file:
+        check_fresh(table, path, cache.attrs)
     if backbone and cache.backbone != backbone:
         raise CacheError(f"{path}: holds backbone '{cache.backbone}', not '{backbone}'.")
     return cache

@@ -1,11 +1,14 @@
 """The embed engine: decode each tile once, feed every backbone, write caches.
 
-One pass over the table serves several backbones: workers decode a tile and
-resize it once per distinct ``(size, interpolation)``; each backbone takes
-its uint8 batch, normalises it on the device, runs (optionally 8-fold TTA)
-and writes its rows.  Batches are aligned to ``batch_size`` from row 0, so an
-interrupted run resumes at the last flushed batch and ends with exactly the
-features of an uninterrupted one.
+One pass over the table serves several backbones: workers read a tile's
+bytes once, hash them (the row's content digest) and decode them, resizing
+once per distinct preprocessing; each backbone takes its uint8 batch,
+normalises it on the device, runs (optionally 8-fold TTA) and writes its rows.
+Only rows a cache does not already hold with the same content are embedded
+(a table that gained rows, or tiles re-cut since, cost only those tiles).
+Batches are formed in row order over the rows to embed, so an interrupted run
+resumes at the last flushed batch and ends with exactly the features of an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import BackboneSpec, get_spec
-from featurize.cache import CacheKey, CacheWriter, cache_path, lock_path, read_attrs
+from featurize.cache import CacheKey, CacheWriter, _rows_of, cache_path, lock_path, read_attrs, update_stats
 from featurize.device import resolve_device
+from featurize.digests import NO_STAT, plan_rows, read_with_digest
 from featurize.errors import CacheError, ImageError, UsageError
 from featurize.images import load_rgb
 from featurize.lock import file_lock
@@ -30,10 +34,14 @@ from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
 from featurize.weights import ResolvedWeights, create_backbone, extract, resolve_weights
 
 
-class TileDataset:
-    """Map-style dataset: index -> (index, {key: uint8 CHW} or None, error or None)."""
+#: Digest recorded for a tile that could not be read: never equal to a real one, so it is retried once it exists.
+UNREADABLE = "unreadable"
 
-    def __init__(self, paths: Sequence[Path], keys: Sequence[tuple[int, str]]):
+
+class TileDataset:
+    """Map-style dataset: index -> (index, {key: uint8 CHW} or None, error or None, sha256 of the bytes, stat)."""
+
+    def __init__(self, paths: Sequence[Path], keys: Sequence[tuple]):
         self.paths = list(paths)
         self.keys = list(keys)
 
@@ -41,11 +49,20 @@ class TileDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        path = self.paths[i]
         try:
-            img = load_rgb(self.paths[i])
+            data, digest, st = read_with_digest(path)
+        except OSError:
+            try:
+                load_rgb(path)  # raises the precise error: missing file, directory, ...
+            except ImageError as exc:
+                return i, None, str(exc), UNREADABLE, NO_STAT
+            return i, None, f"{path}: cannot be read; check that the file exists.", UNREADABLE, NO_STAT
+        try:
+            img = load_rgb(path, data)
         except ImageError as exc:
-            return i, None, str(exc)
-        return i, {k: resize_uint8(img, k) for k in self.keys}, None
+            return i, None, str(exc), digest, st
+        return i, {k: resize_uint8(img, k) for k in self.keys}, None, digest, st
 
 
 def _worker_init(_: int) -> None:
@@ -56,14 +73,17 @@ def _worker_init(_: int) -> None:
 
 
 def collate(items):
-    """Stack good tiles per key; keep the indices and errors of bad ones."""
+    """Rows of the batch with their digests and stats; good tiles stacked per key; bad ones' errors."""
     import torch
 
-    good = [(i, t) for i, t, e in items if e is None]
-    bad = [(i, e) for i, t, e in items if e is not None]
+    rows = np.array([i for i, *_ in items], dtype=np.int64)
+    digests = [d for *_, d, _ in items]
+    stats = np.array([st for *_, st in items], dtype=np.int64).reshape(len(items), 2)
+    good = [(i, t) for i, t, e, *_ in items if e is None]
+    bad = [(i, e) for i, t, e, *_ in items if e is not None]
     index = torch.tensor([i for i, _ in good], dtype=torch.long)
     tensors = {k: torch.stack([t[k] for _, t in good]) for k in (good[0][1] if good else {})}
-    return index, tensors, bad
+    return rows, index, tensors, bad, digests, stats
 
 
 @dataclass
@@ -74,7 +94,7 @@ class _Job:
     final: Path
     model: Any = None
     writer: CacheWriter | None = None
-    start: int = 0
+    todo: np.ndarray | None = None  # table rows this cache still needs
 
 
 def _forward(model, spec: BackboneSpec, x, tta: int):
@@ -144,7 +164,8 @@ def embed(
 ) -> list[Path]:
     """Embed every tile of ``data`` with each backbone; returns the cache paths.
 
-    Caches already complete for the same fingerprint are reused untouched.
+    A complete cache with the same key serves every row whose ID and tile
+    content are unchanged; only the other rows are embedded.
     ``max_batches`` stops early (testing interruption); the partial file is
     then left for the next run to resume.
     """
@@ -161,79 +182,102 @@ def embed(
     table = data if isinstance(data, TileTable) else read_table(data)
     dev = resolve_device(device)
     weights = weights or {}
-    table_fp = table.fingerprint()
+    paths = [str(p) for p in table.paths]
 
     jobs: list[_Job] = []
     for name in dict.fromkeys(backbones):
         spec = get_spec(name)
         w = resolve_weights(spec, weights.get(name), random_init)
-        key = CacheKey(table.name, table_fp, spec, w, tta, dtype, compute_dtype(dev, spec))
+        key = CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec))
         jobs.append(_Job(spec, w, key, cache_path(cache_dir, key)))
 
     with ExitStack() as stack:
         todo: list[_Job] = []
+        previous: dict[str, Path | None] = {}
         for job in jobs:
             stack.enter_context(file_lock(lock_path(job.final), wait_s))
+            previous[job.spec.name] = None
             if job.final.exists():
                 try:
-                    if read_attrs(job.final).get("complete"):
+                    complete = bool(read_attrs(job.final).get("complete"))
+                except CacheError:
+                    complete = False
+                if complete:
+                    import h5py
+
+                    with h5py.File(job.final, "r") as fh:
+                        plan = plan_rows(table.ids, paths, *_rows_of(fh))
+                        n_cached = fh["ids"].shape[0]
+                    if plan.identical(n_cached):
+                        update_stats(job.final, plan.new_stats)
                         print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
                         continue
-                except CacheError:
-                    pass
-                job.final.unlink()
+                    previous[job.spec.name] = job.final
+                else:
+                    job.final.unlink()
             todo.append(job)
         if not todo:
             return [j.final for j in jobs]
         for job in todo:
             job.model = create_backbone(job.spec, job.weights).to(dev)
-            job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim)
+            job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim, paths=paths)
             stack.callback(job.writer.close)
-            job.start = job.writer.open()
-            if job.start:
-                print(f"[embed] {job.spec.name}: resuming at row {job.start} of {len(table)}", file=sys.stderr)
+            resumed = job.writer.partial.exists()
+            job.todo = job.writer.open(previous[job.spec.name])
+            n_done = len(table) - len(job.todo)
+            if resumed and n_done and len(job.todo):
+                print(f"[embed] {job.spec.name}: resuming at row {int(job.todo[0])} ({n_done} of {len(table)} rows done)",
+                      file=sys.stderr)
+            elif job.writer.reused:
+                print(f"[embed] {job.spec.name}: {job.writer.reused} rows reused from {job.final.name} (same ID and tile "
+                      f"content), {len(job.todo)} to embed", file=sys.stderr)
             if job.weights.random_init:
                 print(f"[embed] {job.spec.name}: RANDOM-INIT weights (asked for); recorded in the cache.", file=sys.stderr)
         n = len(table)
-        start = min(j.start for j in todo)
-        start -= start % batch_size
+        need = np.zeros((len(todo), n), dtype=bool)
+        for k, job in enumerate(todo):
+            need[k, job.todo] = True
+        rows_todo = np.flatnonzero(need.any(axis=0))
         keys = sorted({j.spec.preprocess_key for j in todo})
         dataset = TileDataset(table.paths, keys)
         if num_workers is None:  # on CPU the workers share cores with the forward pass; on a GPU decoding is the CPU's job
             num_workers = min(4 if dev.type == "cpu" else 12, max(1, (os.cpu_count() or 2) - 1))
         loader = DataLoader(
-            Subset(dataset, range(start, n)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            Subset(dataset, rows_todo.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
             collate_fn=collate, pin_memory=dev.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
             prefetch_factor=4 if num_workers else None,
         )
         skipped: list[tuple[int, str]] = []
         micro = {j.spec.name: [batch_size] for j in todo}
         t0 = time.perf_counter()
-        bar = tqdm(total=n, initial=start, unit="tile", disable=not progress, desc="embed", dynamic_ncols=True)
-        row = start
+        bar = tqdm(total=len(rows_todo), unit="tile", disable=not progress, desc="embed", dynamic_ncols=True)
+        finished = 0
         with torch.inference_mode():
-            for b, (index, tensors, bad) in enumerate(loader):
+            for b, (rows, index, tensors, bad, digests, stats) in enumerate(loader):
                 if max_batches is not None and b >= max_batches:
                     break
                 if bad and not skip_bad:
                     raise ImageError(f"{bad[0][1]} (row {bad[0][0] + 2} of {table.source}; nothing was marked complete)")
                 skipped.extend(bad)
-                size = len(index) + len(bad)
-                valid = np.ones(size, bool)
-                if bad:
-                    valid[[i - row for i, _ in bad]] = False
-                for job in todo:
-                    if row + size <= job.start:
+                pos = {int(i): k for k, i in enumerate(index)}
+                for k, job in enumerate(todo):
+                    sel = need[k, rows]
+                    if not sel.any():
                         continue
-                    feats = np.zeros((size, job.spec.embed_dim), np.float32)
-                    if len(index):
-                        feats[(index - row).numpy()] = _embed_batch(job, tensors[job.spec.preprocess_key], dev, tta, micro[job.spec.name])
-                    job.writer.write(row, feats, valid)
-                row += size
-                bar.update(size)
-                bar.set_postfix(tiles_s=f"{(row - start) / max(time.perf_counter() - t0, 1e-9):.1f}")
+                    jrows = rows[sel]
+                    good = np.array([int(r) in pos for r in jrows])
+                    feats = np.zeros((len(jrows), job.spec.embed_dim), np.float32)
+                    if good.any():
+                        take = [pos[int(r)] for r in jrows[good]]
+                        batch = tensors[job.spec.preprocess_key]
+                        batch = batch if len(take) == len(batch) else batch[take]
+                        feats[good] = _embed_batch(job, batch, dev, tta, micro[job.spec.name])
+                    job.writer.write(jrows, feats, good, [d for d, s_ in zip(digests, sel) if s_], stats[sel])
+                finished += len(rows)
+                bar.update(len(rows))
+                bar.set_postfix(tiles_s=f"{finished / max(time.perf_counter() - t0, 1e-9):.1f}")
         bar.close()
-        if row < n:
+        if finished < len(rows_todo):
             return []
         if skipped:
             for job in todo:

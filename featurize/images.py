@@ -1,6 +1,7 @@
 """Decode any tile image (PNG/JPEG/TIFF, any mode) to 8-bit RGB."""
 from __future__ import annotations
 
+import io
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,19 +48,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one tile; :class:`ImageError` names the file."""
+def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """Open, fully decode and convert one tile; :class:`ImageError` names the file.
+
+    ``data``: the file's bytes when the caller has read them already (the
+    embed workers hash what they decode), so the file is read once.
+    """
     p = Path(path)
-    if p.is_dir():
-        raise ImageError(f"{p}: is a directory, expected an image file; fix the path in the tile table.")
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"{p}: cannot be read ({exc.strerror}); check that the file exists.") from exc
+    if data is None:
+        if p.is_dir():
+            raise ImageError(f"{p}: is a directory, expected an image file; fix the path in the tile table.")
+        try:
+            size = p.stat().st_size
+        except OSError as exc:
+            raise ImageError(f"{p}: cannot be read ({exc.strerror}); check that the file exists.") from exc
+    else:
+        size = len(data)
     if size == 0:
         raise ImageError(f"{p}: is an empty (0-byte) file; re-export the tile or drop it with --skip-bad.")
     try:
-        with Image.open(p) as img:
+        with Image.open(io.BytesIO(data) if data is not None else p) as img:
             img.load()
             if min(img.size) < MIN_SIDE:
                 raise ImageError(f"{p}: tile is {img.size[0]}x{img.size[1]} px, below the {MIN_SIDE} px minimum; drop it or re-cut it larger.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +44,7 @@ class TileTable:
     group_col: str | None
     xy: np.ndarray | None  # (n, 2) float64
     slides: np.ndarray | None = None  # (n,) str: the slide/section column, for spatial neighbours
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -54,20 +55,32 @@ class TileTable:
         return len(self.ids)
 
     def fingerprint(self) -> str:
-        """sha256 of the IDs, paths and image file sizes, in order.
+        """sha256 of the rows (IDs and paths as written, in order), computed once per table object.
 
-        It changes when a tile is added, removed, reordered, re-pointed or
-        replaced by a file of another size, so caches keyed by it go stale
-        instead of silently serving old features.
+        What the tiles *contain* is checked per row against the caches'
+        content digests (:mod:`featurize.digests`), so this never stats a file.
         """
-        h = hashlib.sha256()
-        for i, raw, p in zip(self.ids, self.raw_paths, self.paths):
-            try:
-                size = p.stat().st_size
-            except OSError:
-                size = -1
-            h.update(f"{i}\0{raw}\0{size}\n".encode())
-        return h.hexdigest()
+        if "fingerprint" not in self._memo:
+            h = hashlib.sha256()
+            for i, raw in zip(self.ids, self.raw_paths):
+                h.update(f"{i}\0{raw}\n".encode())
+            self._memo["fingerprint"] = h.hexdigest()
+        return self._memo["fingerprint"]
+
+    def targets_digest(self) -> str:
+        """sha256 of the gene names and values (what a run is fitted to)."""
+        if "targets" not in self._memo:
+            h = hashlib.sha256("\0".join(self.genes).encode())
+            if self.Y is not None:
+                h.update(np.ascontiguousarray(self.Y, dtype=np.float32).tobytes())
+            self._memo["targets"] = h.hexdigest()
+        return self._memo["targets"]
+
+    def memo(self, key, compute):
+        """A value computed once per table object (e.g. the freshness check of one cache)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
 
 def _read_frame(path: Path) -> pd.DataFrame:

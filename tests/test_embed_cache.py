@@ -1,3 +1,8 @@
+import json
+import os
+import shutil
+import time
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -20,7 +25,10 @@ def test_cache_round_trip_and_attrs(syn_cache):
     assert cache.features.shape == (48, 64) and np.isfinite(cache.features).all()
     a = cache.attrs
     assert a["complete"] and a["random_init"] and a["weights_source"] == "random-init"
-    assert a["tta"] == 1 and a["table_fingerprint"] == table.fingerprint()
+    from featurize.digests import content_fingerprint, file_digest
+
+    assert a["tta"] == 1 and a["table_fingerprint"] == content_fingerprint(table.ids, [file_digest(p) for p in table.paths])
+    assert {"torch", "timm"} <= set(json.loads(a["versions"])) and "notes" not in json.loads(a["key_json"])["spec"]
     with h5py.File(cache.path) as fh:
         assert fh["features"].dtype == np.float16 and fh["features"].chunks[0] >= min(48, 256)
     assert verify_cache(cache.path) == []
@@ -75,24 +83,115 @@ def test_tta8_is_invariant_to_rotating_the_tile(tmp_path):
     assert np.abs(g[0] - g[1]).max() > 100 * tta_gap  # without TTA, rotation changes the embedding
 
 
-def test_stale_cache_is_refused(syn_table, tmp_path):
-    import shutil
+def _bmp_table(root, n=12, seed=0):
+    """Uncompressed BMP tiles: a re-cut tile has exactly the old byte size, which a size-based fingerprint misses."""
+    rng = np.random.default_rng(seed)
+    (root / "t").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / "t" / f"{i}.bmp")
+    pd.DataFrame({"ID": [f"r{i}" for i in range(n)], "path": [f"t/{i}.bmp" for i in range(n)],
+                  "g": rng.random(n)}).to_csv(root / "tab.csv", index=False)
+    return root / "tab.csv"
 
-    work = tmp_path / "w"
-    shutil.copytree(syn_table.parent, work)
-    table_path = work / syn_table.name
-    embed(table_path, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)
-    df = pd.read_csv(table_path)
-    df.iloc[:-1].to_csv(table_path, index=False)  # one tile removed
-    with pytest.raises(CacheError, match="older version"):
-        load_features(read_table(table_path), "timm:test_vit", tmp_path / "c")
+
+def _recut(path, seed):
+    before = path.stat().st_size
+    Image.fromarray((np.random.default_rng(seed).random((32, 32, 3)) * 255).astype(np.uint8)).save(path)
+    assert path.stat().st_size == before
+
+
+def test_recut_tile_of_same_size_is_stale_and_only_it_is_re_embedded(tmp_path, capsys):
+    tab = _bmp_table(tmp_path / "w")
+    old = embed(tab, ["timm:test_vit"], random_init=True, dtype="float32", cache_dir=tmp_path / "c", **KW)[0]
+    before = read_cache(old).features
+    time.sleep(0.01)
+    _recut(tmp_path / "w" / "t" / "3.bmp", seed=99)
+    with pytest.raises(CacheError, match=r"1 tiles changed content \(first: r3\).*only new and changed"):
+        load_features(read_table(tab), "timm:test_vit", tmp_path / "c")
+    capsys.readouterr()
+    new = embed(tab, ["timm:test_vit"], random_init=True, dtype="float32", cache_dir=tmp_path / "c", **KW)[0]
+    assert "11 rows reused" in capsys.readouterr().err and new == old
+    after = read_cache(new).features
+    fresh = read_cache(embed(tab, ["timm:test_vit"], random_init=True, dtype="float32", cache_dir=tmp_path / "f",
+                             **KW)[0]).features
+    keep = np.arange(12) != 3
+    assert after[keep].tobytes() == before[keep].tobytes()  # reused rows: the very same bytes
+    np.testing.assert_allclose(after, fresh, rtol=1e-5, atol=1e-6)  # and the re-embedded row is the new tile's
+    assert np.abs(after[3] - before[3]).max() > 1e-3
+    assert load_features(read_table(tab), "timm:test_vit", tmp_path / "c").features.shape == (12, 64)
+
+
+def test_table_that_gains_rows_embeds_only_the_new_ones(tmp_path, capsys, monkeypatch):
+    tab = _bmp_table(tmp_path / "w", n=14)
+    df = pd.read_csv(tab)
+    df.iloc[:10].to_csv(tab, index=False)
+    embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)
+    df.to_csv(tab, index=False)  # 4 more rows
+    import featurize.extract as ex
+
+    seen = []
+    real = ex._embed_batch
+    monkeypatch.setattr(ex, "_embed_batch", lambda job, b, *a: seen.append(len(b)) or real(job, b, *a))
+    capsys.readouterr()
+    p = embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)[0]
+    assert sum(seen) == 4 and "10 rows reused" in capsys.readouterr().err
+    assert list(read_cache(p).ids) == [f"r{i}" for i in range(14)]
+    seen.clear()
+    embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)
+    assert seen == []  # up to date: nothing embedded
+    # fewer rows than the cache: served by ID, nothing to embed
+    df.iloc[:5].to_csv(tab, index=False)
+    assert load_features(read_table(tab), "timm:test_vit", tmp_path / "c").features.shape == (14, 64)
+
+
+def test_touched_tiles_are_rehashed_not_reembedded_and_deep_verify_checks_content(tmp_path, monkeypatch):
+    tab = _bmp_table(tmp_path / "w")
+    p = embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)[0]
+    tile = tmp_path / "w" / "t" / "5.bmp"
+    st = tile.stat()
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: new stat, same bytes
+    import featurize.extract as ex
+
+    monkeypatch.setattr(ex, "create_backbone", lambda *a: pytest.fail("nothing should be embedded"))
+    assert embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)[0] == p
+    with h5py.File(p) as fh:
+        assert fh["stats"][5][1] == st.st_mtime_ns + 10**9  # refreshed: not hashed again next time
+    assert verify_cache(p, deep=True) == []
+    _recut(tile, seed=7)
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size and mtime: only a deep check sees it
+    load_features(read_table(tab), "timm:test_vit", tmp_path / "c")
+    assert any("1 tiles changed content" in q for q in verify_cache(p, deep=True))
+    tile.unlink()
+    assert any("1 tiles are gone" in q for q in verify_cache(p, deep=True))
+
+
+def test_non_finite_features_are_refused_at_write_and_at_read(tmp_path, syn_cache):
+    from featurize.backbones import get_spec
+    from featurize.cache import CacheKey, CacheWriter
+    from featurize.weights import resolve_weights
+
+    spec = get_spec("timm:test_vit")
+    key = CacheKey("t", spec, resolve_weights(spec, None, True), 1, "float16")
+    w = CacheWriter(tmp_path / "t" / "x.h5", key, np.array(["a", "b", "c"]), 4)
+    w.open()
+    feats = np.ones((3, 4), np.float32)
+    feats[1, 2] = 1e6  # beyond float16
+    with pytest.raises(CacheError, match=r"1 rows give non-finite features \(first: b\).*--dtype float32"):
+        w.write(np.arange(3), feats)
+    w.close()
+    good = list(syn_cache[1].rglob("*.h5"))[0]
+    shutil.copy(good, tmp_path / "nan.h5")
+    with h5py.File(tmp_path / "nan.h5", "r+") as fh:
+        fh["features"][7, 3] = np.nan
+    with pytest.raises(CacheError, match=r"1 rows hold NaN or inf.*--dtype float32"):
+        read_cache(tmp_path / "nan.h5")
 
 
 def test_foreign_and_truncated_files_are_refused(tmp_path, syn_cache):
     (tmp_path / "t").mkdir()
     junk = tmp_path / "t" / "x.h5"
     junk.write_bytes(b"\x89HDF not really")
-    with pytest.raises(CacheError, match="not a readable HDF5"):
+    with pytest.raises(CacheError, match="damaged"):
         read_cache(junk)
     with h5py.File(tmp_path / "t" / "y.h5", "w") as fh:
         fh["data"] = np.zeros(3)
@@ -152,7 +251,7 @@ def test_autocast_precision_is_part_of_the_cache_key():
     from featurize.weights import resolve_weights
 
     spec = get_spec("timm:test_vit")
-    key = CacheKey("t", "fp", spec, resolve_weights(spec, None, True), 1, "float16")
+    key = CacheKey("t", spec, resolve_weights(spec, None, True), 1, "float16")
     assert compute_dtype(torch.device("cpu"), spec) == "float32"
     assert "compute" not in key.key_dict()
     amp = dataclasses.replace(key, compute="bfloat16")
