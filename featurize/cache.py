@@ -143,12 +143,18 @@ class CacheWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             try:
-                fh = h5py.File(self.partial, "r+")
-                ok = (fh.attrs.get("fingerprint") == self.key.fingerprint()
-                      and fh["features"].shape == (len(self.ids), self.dim)
-                      and np.array_equal(fh["ids"].asstr()[()], self.ids))
+                fh = h5py.File(self.partial, "r+", locking=False)
+            except BlockingIOError as exc:  # never throw away progress because another process still has the file open
+                raise CacheError(f"{self.partial}: still open in another process ({exc}); wait a few seconds and rerun.") from exc
+            except OSError:
+                fh = None
+            try:
+                ok = fh is not None and (fh.attrs.get("fingerprint") == self.key.fingerprint()
+                                         and fh["features"].shape == (len(self.ids), self.dim)
+                                         and "done" in fh
+                                         and np.array_equal(fh["ids"].asstr()[()], self.ids))
             except (OSError, KeyError):
-                ok, fh = False, None
+                ok = False
             if ok:
                 self._fh = fh
                 done = fh["done"][()]
@@ -203,7 +209,9 @@ class CacheWriter:
         n = len(self.ids)
         dtype = np.float16 if self.key.dtype == "float16" else np.float32
         try:
-            fh = h5py.File(self.partial, "w")
+            # HDF5's own file lock is off: hexpress's lock (featurize.lock) already allows one writer, and an
+            # HDF5 flock would be inherited by forked decode workers and outlive a killed embed
+            fh = h5py.File(self.partial, "w", locking=False)
             fh.create_dataset("ids", data=self.ids.astype(object), dtype=_STR)
             fh.create_dataset("paths", data=np.asarray(self.paths, dtype=object), dtype=_STR)
             fh.create_dataset("digests", shape=(n,), dtype=DIGEST_DTYPE)

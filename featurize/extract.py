@@ -66,10 +66,18 @@ class TileDataset:
 
 
 def _worker_init(_: int) -> None:
-    """Decoding workers use one thread each: the cores belong to the forward pass."""
+    """Decoding workers use one thread each (the cores belong to the forward pass) and die with embed."""
     import torch
 
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:  # PR_SET_PDEATHSIG: the kernel kills this worker when embed dies, even by SIGKILL
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+        except (OSError, AttributeError):
+            pass
 
 
 def collate(items):

@@ -1,4 +1,11 @@
-"""A cross-process file lock that dies with its holder (``fcntl.flock``)."""
+"""A cross-process file lock that dies with its holder (POSIX record lock, ``fcntl.lockf``).
+
+A POSIX record lock belongs to the process that took it: forked children
+(the embed's decode workers) do not inherit it, and the kernel drops it the
+moment its holder dies.  ``flock`` would not do: its lock lives on the open
+file description, which forked workers share, so after ``kill -9`` of
+``embed`` the lock stayed held until every worker had noticed and exited.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -15,8 +22,8 @@ from featurize.errors import CacheError
 def file_lock(path: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed).
 
-    The kernel drops a flock when its process dies, so a crashed holder never
-    leaves a stale lock.  Waits up to ``wait_s`` seconds, then raises
+    The kernel drops the lock when its process dies (children never hold it),
+    so a crashed holder never leaves a stale lock.  Waits up to ``wait_s`` seconds, then raises
     :class:`CacheError` naming the lock file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,9 +32,9 @@ def file_lock(path: Path, wait_s: float = 0.0) -> Iterator[None]:
     try:
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except (BlockingIOError, PermissionError):
                 if time.monotonic() >= deadline:
                     raise CacheError(
                         f"{path}: another hexpress process is writing this cache; wait for it to finish "
@@ -39,6 +46,6 @@ def file_lock(path: Path, wait_s: float = 0.0) -> Iterator[None]:
         yield
     finally:
         try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

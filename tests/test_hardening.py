@@ -48,10 +48,28 @@ def _wait_for_progress(cache_dir: Path, proc, min_bytes: int = 200_000, timeout:
     pytest.fail("no progress seen")
 
 
+def _wait_for_rows(cache_dir: Path, proc, rows: int = 16, timeout: float = 120) -> None:
+    """Until the partial cache records ``rows`` written rows (read without HDF5's lock, retrying mid-write)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for part in cache_dir.rglob("*.partial"):
+            try:
+                with h5py.File(part, "r", locking=False) as fh:
+                    if int(fh.attrs.get("rows_done", 0)) >= rows:
+                        return
+            except (OSError, KeyError):
+                pass
+        if proc.poll() is not None:
+            pytest.fail(f"embed ended before it could be interrupted: {proc.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail("no rows written")
+
+
 def test_sigkill_then_rerun_gives_the_same_bytes(big_table, tmp_path):
     ref = embed(big_table, ["efficientnet_lite0"], cache_dir=tmp_path / "ref", **KW)[0]
     proc = subprocess.Popen(_embed_cmd(big_table, tmp_path / "c"), stderr=subprocess.PIPE, text=True)
-    part = _wait_for_progress(tmp_path / "c", proc)
+    _wait_for_rows(tmp_path / "c", proc)
+    part = next((tmp_path / "c").rglob("*.partial"))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert part.exists() and not list((tmp_path / "c").rglob("*.h5"))  # nothing looks complete
@@ -62,6 +80,19 @@ def test_sigkill_then_rerun_gives_the_same_bytes(big_table, tmp_path):
     assert len(done) == 1 and not list((tmp_path / "c").rglob("*.partial"))
     with h5py.File(ref) as a, h5py.File(done[0]) as b:
         assert a["features"][()].tobytes() == b["features"][()].tobytes()
+
+
+def test_lock_dies_with_embed_even_while_its_decode_workers_live(big_table, tmp_path):
+    """kill -9 of embed with decode workers; an immediate rerun (no --wait) gets the lock and resumes."""
+    cmd = _embed_cmd(big_table, tmp_path / "c")
+    cmd[cmd.index("--workers") + 1] = "2"
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(tmp_path / "c", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    again = subprocess.run(_embed_cmd(big_table, tmp_path / "c"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "another hexpress process" not in again.stderr and "resuming at row" in again.stderr
 
 
 def test_second_writer_refuses_while_first_runs(big_table, tmp_path):
