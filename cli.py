@@ -87,7 +87,7 @@ def cmd_cache(args) -> int:
             if k != "key_json":
                 print(f"{k:18s} {a[k]}")
         return 0
-    problems = verify_cache(args.file)
+    problems = verify_cache(args.file, deep=args.deep)
     if problems:
         for p in problems:
             print(f"{args.file}: {p}")
@@ -103,13 +103,22 @@ def _print_table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
-def cmd_fit(args) -> int:
-    from regress.runs import fit_run
+def _head_params(args) -> dict:
+    from regress.heads import parse_head_params
 
+    return parse_head_params(args.head_param)
+
+
+def cmd_fit(args) -> int:
+    from regress.fit import fit_run
+
+    if args.backbone and args.cache:
+        raise HexpressError("--backbone and --cache contradict each other; name the features one way.")
     group_col, use_groups = _groups_arg(args.groups)
     res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
-                  seed=args.seed, device=args.device, name=args.name, context=args.context)
+                  seed=args.seed, device=args.device, name=args.name, context=args.context,
+                  head_params=_head_params(args), overwrite=args.overwrite)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -129,10 +138,23 @@ def cmd_compare(args) -> int:
     group_col, use_groups = _groups_arg(args.groups)
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                         folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
-                        device=args.device, out=args.out, context=args.context)
+                        device=args.device, out=args.plot, context=args.context, head_params=_head_params(args),
+                        overwrite=args.overwrite)
     _print_table(rows, ["backbone", "head", "pcc_gene_by_fold", "pcc_gene_pooled", "pcc_tile", "fit_s", "best"])
     print(f"per-gene PCC distributions: {png}")
     return 0
+
+
+def _genes_arg(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise HexpressError(f"--genes {value}: give a positive number of genes, or 'all'.")
+    return n
 
 
 def cmd_tiles(args) -> int:
@@ -142,7 +164,7 @@ def cmd_tiles(args) -> int:
             gene_list = [g.strip() for g in Path(args.gene_list).read_text().split() if g.strip()]
         except OSError as exc:
             raise HexpressError(f"--gene-list {args.gene_list}: cannot be read ({exc.strerror}).") from exc
-    n_genes = None if args.genes in ("all", "0") else int(args.genes)
+    n_genes = _genes_arg(args.genes)
     common = dict(out_px=args.out_px, normalize_mode=args.normalize, n_genes=n_genes, gene_list=gene_list,
                   min_spots=args.min_spots, name=args.name)
     tile_um = None if args.tile_px else args.tile_um
@@ -198,12 +220,18 @@ def cmd_import_embeddings(args) -> int:
 def cmd_stack(args) -> int:
     from regress.stack import stack_runs
 
-    runs = list(args.run or [])
+    runs = list(args.runs or [])
     if args.all:
         from regress.runs import runs_for_table
 
-        runs += [str(p) for p in runs_for_table(args.runs_dir, args.all)]
-    res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=args.alpha)
+        found = [str(p) for p in runs_for_table(args.runs_dir, args.all)]
+        if not found:
+            raise HexpressError(f"--all {args.all}: no finished run under {args.runs_dir} was fitted on that table.")
+        runs += found
+    if args.alpha is not None and args.method != "ridge":
+        raise HexpressError("--alpha is the ridge stacker's penalty; it does nothing with --method nnls.")
+    res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=1.0 if args.alpha is None else args.alpha,
+                     overwrite=args.overwrite)
     print(f"stack written to {res.path}")
     return 0
 
@@ -211,8 +239,10 @@ def cmd_stack(args) -> int:
 def cmd_predict(args) -> int:
     from regress.predict import predict_table, write_submission
 
+    if Path(args.out).suffix.lower() != ".csv":
+        raise HexpressError(f"--out {args.out}: predict writes a CSV; name the file *.csv.")
     df = predict_table(args.run, args.data, cache_dir=args.cache_dir, template=args.template, device=args.device,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, trust_pickle=args.trust_pickle)
     print(write_submission(df, args.out))
     return 0
 
@@ -231,17 +261,24 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes end in one ``error:`` line (naming the command) and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from featurize.backbones import list_backbones
-    from regress.heads import HEADS
+    from regress.heads import head_choices_help
 
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python cli.py",
         description="hexpress: predict spatial gene expression from H&E tiles. Stage 1 (embed) runs each tile once "
                     "through frozen backbones into HDF5 caches; stage 2 (fit/compare/stack/predict) fits fast heads "
                     "on those caches without re-running a CNN.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser)
 
     def common_data(sp, required=True):
         sp.add_argument("--data", required=required, help="tile table (CSV or Parquet): ID, path, [slide/patient], [x, y], gene columns")
@@ -276,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-px", type=int, default=224, help="saved tile size (default: %(default)s)")
     sp.add_argument("--normalize", choices=("lognorm", "cpm", "log1p", "raw"), default="lognorm",
                     help="lognorm: library size 1e4 then log1p (default); cpm: 1e6 then log1p")
-    sp.add_argument("--genes", default="250", help="N most variable genes, or 'all' (default: %(default)s)")
+    sp.add_argument("--genes", default="250", help="N (> 0) most variable genes, or 'all' (default: %(default)s)")
     sp.add_argument("--gene-list", help="file with gene symbols to keep (overrides --genes)")
     sp.add_argument("--min-spots", type=float, default=0.1, help="drop genes detected in fewer than this fraction of spots")
     sp.add_argument("--bin-size", type=float, default=None, metavar="UM",
@@ -328,13 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cache", help="list, inspect and verify embedding caches", description="Inspect caches.")
-    csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
+    csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION", parser_class=OneLineErrorParser)
     c = csub.add_parser("ls", help="list caches")
-    c.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    c.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
     c = csub.add_parser("info", help="print a cache's attributes")
-    c.add_argument("file")
+    c.add_argument("file", help="a cache file (.h5)")
     c = csub.add_parser("verify", help="check a cache for completeness, fingerprint and finite values (exit 1 if not)")
-    c.add_argument("file")
+    c.add_argument("file", help="a cache file (.h5)")
+    c.add_argument("--deep", action="store_true", help="also re-hash every tile and report those changed or gone")
     sp.set_defaults(func=cmd_cache)
 
     def fit_args(sp):
@@ -342,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where run folders go (default: %(default)s)")
         sp.add_argument("--folds", type=int, default=5, help="CV folds; >= number of groups means leave-one-group-out")
         sp.add_argument("--groups", default=None, help="grouping column (default: patient/slide/section/group if present); 'none' for plain K-fold")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--device", default="cpu", help="cpu or cuda (ridge and mlp have GPU paths)")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the K-fold shuffle and of the heads (default: %(default)s)")
+        sp.add_argument("--device", default="auto", help="auto, cpu or cuda (ridge and mlp have GPU paths; default: %(default)s)")
+        sp.add_argument("--head-param", action="append", metavar="NAME=VALUE",
+                        help="set a head's constructor parameter (repeatable), e.g. --head-param alpha=3")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run of the same name fitted with other settings")
         sp.add_argument("--context", type=int, default=0, metavar="K",
                         help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
 
@@ -353,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_args(sp)
     sp.add_argument("--backbone", action="append", help=bb_help)
     sp.add_argument("--cache", action="append", help="explicit cache file(s) instead of --backbone lookup")
-    sp.add_argument("--head", default="ridge", choices=list(HEADS), help="; ".join(f"{k}: {v[1]}" for k, v in HEADS.items()))
+    sp.add_argument("--head", default="ridge", help=head_choices_help() + " (default: %(default)s)")
     sp.add_argument("--name", default=None, help="run name (default: <table>-<backbone>-<head>)")
     sp.set_defaults(func=cmd_fit)
 
@@ -362,36 +404,40 @@ def build_parser() -> argparse.ArgumentParser:
                                     "save a PNG of per-gene PCC distributions. Each pair is also saved as a run.")
     fit_args(sp)
     sp.add_argument("--backbone", action="append", required=True, help=bb_help)
-    sp.add_argument("--head", action="append", required=True, choices=list(HEADS))
-    sp.add_argument("--out", default=None, help="PNG path (default: <runs-dir>/compare-<table>.png)")
+    sp.add_argument("--head", action="append", required=True, help="head (repeatable): " + head_choices_help())
+    sp.add_argument("--plot", default=None, help="PNG of per-gene PCC distributions (default: <runs-dir>/compare-<table>.png)")
     sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("stack", help="blend several runs per gene from their out-of-fold predictions",
                         description="Learn per-gene blend weights (non-negative, summing to one) from the runs' OOF "
                                     "predictions; its score is cross-fitted and printed beside the best single run "
                                     "and the plain average.")
-    sp.add_argument("--run", action="append", help="run folder (repeatable)")
-    sp.add_argument("--all", metavar="TABLE", help="every run under --runs-dir fitted on this tile table")
-    sp.add_argument("--runs-dir", default=DEFAULT_RUNS)
-    sp.add_argument("--method", choices=("nnls", "ridge"), default="nnls")
-    sp.add_argument("--alpha", type=float, default=1.0, help="ridge stacker penalty")
-    sp.add_argument("--out", default=None, help="stack folder (default: <runs-dir>/stack-<table>)")
+    sp.add_argument("runs", nargs="*", metavar="RUN", help="run folders to blend")
+    sp.add_argument("--all", metavar="TABLE", help="also every run under --runs-dir fitted on this tile table")
+    sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where --all looks for runs (default: %(default)s)")
+    sp.add_argument("--method", choices=("nnls", "ridge"), default="nnls",
+                    help="nnls: non-negative per-gene weights summing to one (default); ridge: per-gene ridge on the runs' predictions")
+    sp.add_argument("--alpha", type=float, default=None, help="penalty of --method ridge (default 1.0)")
+    sp.add_argument("--out", default=None, help="stack folder (default: <runs' folder>/stack-<table>)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing stack folder made from other runs")
     sp.set_defaults(func=cmd_stack)
 
     sp = sub.add_parser("predict", help="predict a test table with a run or stack and write the CSV",
                         description="Embed the test tiles if needed (same backbone settings, checked), predict, "
                                     "apply the stack, and write ID + genes (training order or --template order).")
-    sp.add_argument("--run", required=True, help="run or stack folder")
+    sp.add_argument("run", metavar="RUN", help="run or stack folder")
     common_data(sp)
     sp.add_argument("--out", required=True, help="submission CSV to write")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--device", default="auto", help="auto, cpu or cuda, for embedding missing test tiles (default: %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
+    sp.add_argument("--trust-pickle", action="store_true",
+                    help="allow loading a plug-in head stored with pickle (runs code from the run folder: only for folders you trust)")
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("report", help="Markdown report with histogram, best/worst genes and a spatial map",
                         description="Write <run>/report/report.md with PNGs.")
-    sp.add_argument("run", help="run or stack folder")
+    sp.add_argument("run", metavar="RUN", help="run or stack folder")
     sp.add_argument("--gene", help="gene for the spatial map (default: the best-predicted)")
     sp.add_argument("--slide", help="slide for the spatial map (default: the largest)")
     sp.set_defaults(func=cmd_report)

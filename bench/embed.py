@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from featurize.backbones import get_spec  # noqa: E402
 from featurize.extract import autocast, embed  # noqa: E402
 from featurize.transforms import normalize, resize_uint8  # noqa: E402
-from featurize.weights import create_backbone, extract, resolve_weights  # noqa: E402
+from featurize.models import create_backbone, extract  # noqa: E402
+from featurize.weights import resolve_weights  # noqa: E402
 
 HER2ST = ROOT.parent / "shared" / "data" / "her2st"
 

@@ -43,7 +43,8 @@ from featurize.importers.st import import_st  # noqa: E402
 from featurize.table import read_table  # noqa: E402
 from regress.cv import cross_val_predict_groups, make_splits  # noqa: E402
 from regress.metrics import evaluate, evaluate_by_fold  # noqa: E402
-from regress.runs import fit_run, load_training_data  # noqa: E402
+from regress.fit import fit_run  # noqa: E402
+from regress.training import load_training_data  # noqa: E402
 
 HER2ST = ROOT.parent / "shared" / "data" / "her2st"
 ALPHAS = np.logspace(-1, 5, 13)

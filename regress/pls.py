@@ -25,12 +25,15 @@ from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import eigsh
+from numbers import Integral
+
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from regress.base import MultiOutputHead
+from regress.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits
-from regress.ridge import _best_alpha_index, _pooled_scores
+from regress.selection import best_index, pooled_scores
 from featurize.errors import UsageError
 
 DEFAULT_COMPONENTS = (2, 4, 8, 16, 32)
@@ -98,8 +101,6 @@ def kernel_pls(C: np.ndarray, S: np.ndarray, n_components: int) -> tuple[np.ndar
     return R, Q, W.shape[1]
 
 
-def _moments(X: np.ndarray):
-    return X.mean(axis=0), X.std(axis=0, ddof=1)
 
 
 class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
@@ -119,6 +120,14 @@ class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """
 
     _head_name = "PLS"
+    _parameter_constraints = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "per_target": ["boolean"],
+        "cv": ["cv_object"],
+        "scoring": [StrOptions({"mse", "pcc"})],
+        "scale": ["boolean"],
+        "random_state": ["random_state"],
+    }
 
     def __init__(self, n_components: Any = DEFAULT_COMPONENTS, per_target: bool = True, cv: Any = 5,
                  scoring: str = "mse", scale: bool = True, random_state: int = 0):
@@ -143,7 +152,7 @@ class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             splits = make_splits(n, self.cv, groups, self.random_state)
             scores = self._cv_scores(X, Y, splits, grid)
             self.cv_scores_ = scores
-            idx = _best_alpha_index(scores, self.per_target)
+            idx = best_index(scores, self.per_target)
         else:
             self.cv_scores_ = None
             idx = np.zeros(Y.shape[1], dtype=int)
@@ -162,12 +171,11 @@ class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         return self
 
     def _fit_stats(self, X, Y, k):
-        xm, xs = _moments(X)
-        ym, ys = _moments(Y)
+        xm, xs = column_moments(X)
+        ym, ys = column_moments(Y)
+        xs, ys = scale_or_one(xm, xs)[0], scale_or_one(ym, ys)[0]
         if not self.scale:
             xs, ys = np.ones_like(xs), np.ones_like(ys)
-        xs = np.where(xs > 1e-12, xs, 1.0)
-        ys = np.where(ys > 1e-12, ys, 1.0)
         Xs = (X - xm) / xs
         Ys = (Y - ym) / ys
         basis = None
@@ -205,7 +213,7 @@ class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             S_yy += np.einsum("ij,ij->j", Yv, Yv)
             n_tot += len(val)
         # per-gene MSE ranks are scale-free; PCC ignores scale
-        return _pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n_tot, self.scoring)
+        return pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n_tot, self.scoring)
 
     def predict(self, X):
         check_is_fitted(self, "coef_")

@@ -22,11 +22,8 @@ from featurize.errors import CacheError, RunError, TableError
 from featurize.extract import embed
 from featurize.table import TileTable, index_of, read_table, write_csv_atomic
 from regress.context import neighbour_features
-from regress.runs import Run, load_run
-
-
-def _is_stack(path: Path) -> bool:
-    return (Path(path) / "stack.json").is_file()
+from regress.stack import check_runs
+from regress.runs import Run, open_result
 
 
 def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size: int, log) -> np.ndarray:
@@ -44,8 +41,9 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
         cache = read_cache(path, expect_ids=None)
         key_test = json.loads(cache.attrs["key_json"])
         if key_train is not None:
-            a = {k: v for k, v in key_train.items() if k != "table_fingerprint"}
-            t = {k: v for k, v in key_test.items() if k != "table_fingerprint"}
+            a, t = dict(key_train), dict(key_test)
+            for k in (a, t):
+                k.get("spec", {}).pop("notes", None)
             if b["weights_source"] != "external-file" and a != t:
                 raise CacheError(f"{path}: test features were made with other settings than the training cache "
                                  f"{b['cache']} (backbone, weights, TTA or dtype differ); re-embed with the run's settings.")
@@ -61,29 +59,33 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
 
 def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cache_dir="cache",
                   template: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 64,
-                  log=print) -> pd.DataFrame:
-    """Predictions for every tile of ``data`` as a DataFrame (ID + genes)."""
-    model_path = Path(model_path)
-    if _is_stack(model_path):
+                  trust_pickle: bool = False, log=print) -> pd.DataFrame:
+    """Predictions for every tile of ``data`` as a DataFrame (ID + genes).
+
+    Everything about training comes from the run (or stack) folder itself;
+    the training table and its tiles are not needed.
+    """
+    res = open_result(model_path)
+    if res.kind == "stack":
         from regress.stack import load_stack
 
         info, stack, runs = load_stack(model_path)
         genes = list(info["genes"])
+        check_runs(runs)
     else:
-        run = load_run(model_path)
-        runs, stack, genes = [run], None, run.genes
+        runs, stack, genes = [res], None, res.genes
     test = read_table(data)
-    train_path = Path(runs[0].info["table"]["path"])
-    if train_path.is_file():
-        train = read_table(train_path, check_files=False)
-        overlap = np.intersect1d(train.ids, test.ids)
-        if len(overlap):
-            raise TableError(f"{test.source}: {len(overlap)} IDs also appear in the training table {train_path} "
-                             f"(first: {overlap[:3].tolist()}); test IDs must be new tiles.")
+    train_ids = res.data().ids
+    overlap = np.intersect1d(train_ids, test.ids)
+    if len(overlap):
+        raise TableError(f"{test.source}: {len(overlap)} IDs were training rows of {model_path} "
+                         f"(first: {overlap[:3].tolist()}); test IDs must be new tiles.")
+    models = [run.model(trust_pickle=trust_pickle) for run in runs]  # before any embedding: refusals come first
+    _check_precision(runs, device)
     preds = []
-    for run in runs:
+    for run, model in zip(runs, models):
         X = _features_for(run, test, cache_dir, device, batch_size, log)
-        preds.append(np.asarray(run.model().predict(X), dtype=np.float64).reshape(len(test), -1))
+        preds.append(np.asarray(model.predict(X), dtype=np.float64).reshape(len(test), -1))
     P = stack.predict(preds) if stack is not None else preds[0]
     if P.shape != (len(test), len(genes)):
         raise RunError(f"{model_path}: predictions have shape {P.shape}, expected {(len(test), len(genes))}.")
@@ -93,6 +95,25 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
     if template is not None:
         df = _apply_template(df, Path(template), genes, test)
     return df
+
+
+def _check_precision(runs: list[Run], device: str) -> None:
+    """Refuse, before embedding anything, a device whose forward precision differs from the training caches'."""
+    from featurize.backbones import get_spec
+    from featurize.device import resolve_device
+    from featurize.extract import compute_dtype
+
+    dev = None
+    for run in runs:
+        for b in run.info["backbones"]:
+            if b["weights_source"] == "external-file":
+                continue
+            want = b.get("key", {}).get("compute", "float32")
+            dev = dev or resolve_device(device)
+            got = compute_dtype(dev, get_spec(b["backbone"]))
+            if got != want:
+                raise CacheError(f"{b['cache']}: training features were computed in {want} but --device {device} "
+                                 f"computes {got}; predict with the device the training caches were made on.")
 
 
 def _apply_template(df: pd.DataFrame, template: Path, genes: Sequence[str], test: TileTable) -> pd.DataFrame:

@@ -2,15 +2,13 @@
 best and worst genes, and a spatial map of measured vs predicted expression."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from featurize.errors import RunError
-from featurize.table import index_of, read_table
-from regress.runs import read_oof
+from regress.runs import RunData, open_result
 
 
 def _plt():
@@ -24,12 +22,14 @@ def _plt():
 
 def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | None = None) -> Path:
     """Write ``<run>/report/report.md`` (+ PNGs); returns the Markdown path."""
-    path = Path(path)
-    info_file = path / ("stack.json" if (path / "stack.json").is_file() else "run.json")
-    if not info_file.is_file() or not (path / "metrics.json").is_file():
-        raise RunError(f"{path}: not a finished run or stack folder; run `python cli.py fit` or `stack` first.")
-    info = json.loads(info_file.read_text())
-    metrics = json.loads((path / "metrics.json").read_text())
+    res = open_result(path)
+    path, info, metrics = res.path, res.info, res.metrics
+    data = res.data()
+    if gene is not None and gene not in res.genes:
+        raise RunError(f"--gene {gene}: not among the {len(res.genes)} genes of {path}.")
+    if slide is not None and (data.slides is None or slide not in set(data.slides)):
+        have = sorted(set(data.slides))[:6] if data.slides is not None else []
+        raise RunError(f"--slide {slide}: not a slide of {path} (slides: {', '.join(have) or 'none recorded'}).")
     out = path / "report"
     out.mkdir(exist_ok=True)
     plt = _plt()
@@ -63,7 +63,7 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
         lines.append(f"| {bg} | {br:.3f} | {wg} | {wr:.3f} |")
     if metrics.get("constant_genes"):
         lines += ["", f"{len(metrics['constant_genes'])} constant genes have no PCC: {', '.join(metrics['constant_genes'][:10])}"]
-    spatial = _spatial_map(path, info, gene or best[0][0], slide, out, plt)
+    spatial = _spatial_map(data, gene or best[0][0], slide, out, plt)
     if spatial:
         lines += ["", f"![measured vs predicted]({spatial.name})"]
     md = out / "report.md"
@@ -71,23 +71,16 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
     return md
 
 
-def _spatial_map(path: Path, info: dict, gene: str, slide: str | None, out: Path, plt) -> Path | None:
-    table_path = Path(info["table"]["path"])
-    if not table_path.is_file():
+def _spatial_map(data: RunData, gene: str, slide: str | None, out: Path, plt) -> Path | None:
+    """Measured vs out-of-fold predicted expression of ``gene`` at the tiles' positions, from the run's own data."""
+    if data.xy is None:
         return None
-    table = read_table(table_path, check_files=False)
-    if table.xy is None:
-        return None
-    if gene not in table.genes:
-        raise RunError(f"--gene {gene}: not among the run's genes.")
-    ids, oof, _ = read_oof(path)
-    rows = index_of(table.ids, ids)
-    slides = table.slides[rows] if table.slides is not None else np.zeros(len(rows), dtype=str)
+    slides = data.slides if data.slides is not None else np.zeros(len(data.ids), dtype=str)
     pick = slide or max(set(slides), key=list(slides).count)
     m = slides == pick
-    j = table.genes.index(gene)
-    xy = table.xy[rows][m]
-    meas, pred = table.Y[rows][m, j], oof[m, j]
+    j = data.genes.index(gene)
+    xy = data.xy[m]
+    meas, pred = data.y[m, j], data.oof[m, j]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
     for ax, v, title in zip(axes, (meas, pred), ("measured", "predicted (out-of-fold)")):
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="viridis")

@@ -38,13 +38,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numbers import Integral, Real
+
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from featurize.errors import UsageError
 from regress.backend import get_backend
-from regress.base import MultiOutputHead
+from regress.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits
+from regress.selection import best_index, pooled_scores
 
 #: 13 log-spaced values; features are standardised, so alphas are on the scale of n.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
@@ -84,6 +88,17 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     """
 
     _head_name = "ridge"
+    _parameter_constraints = {
+        "alphas": ["array-like", StrOptions({"hest"}), Interval(Real, 0, None, closed="left")],
+        "alpha_per_target": ["boolean"],
+        "cv": ["cv_object", StrOptions({"gcv"})],
+        "scoring": [StrOptions({"mse", "pcc"})],
+        "standardize": ["boolean"],
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "fit_intercept": ["boolean"],
+        "device": [str],
+        "random_state": ["random_state"],
+    }
 
     def __init__(self, alphas=DEFAULT_ALPHAS, alpha_per_target: bool = True, cv: Any = 5, scoring: str = "mse",
                  standardize: bool = True, n_components: int | None = None, fit_intercept: bool = True,
@@ -100,14 +115,10 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, groups=None):
-        if self.scoring not in ("mse", "pcc"):
-            raise UsageError(f"scoring must be 'mse' or 'pcc', got {self.scoring!r}.")
         X, Y = self._validate_fit(X, y, dtype=None)
         n, d = X.shape
         be = get_backend(self.device)
         xp = be.xp
-        if self.n_components is not None and int(self.n_components) < 1:
-            raise UsageError(f"n_components must be >= 1, got {self.n_components}.")
         # PCA cannot have more components than min(n, d); the effective k is recorded
         k = d if self.n_components is None else min(int(self.n_components), d, n)
         self.n_components_ = k
@@ -124,9 +135,9 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         # K-fold the rows are laid out fold by fold, so every validation part is a view
         center = self.fit_intercept or self.standardize or self.n_components is not None
         x_mean = X.mean(axis=0, dtype=np.float64) if center else np.zeros(d)
-        y_mean, y_std = _column_mean_std(Y)
-        self.constant_targets_ = np.flatnonzero(y_std <= 1e-12 * np.maximum(1.0, np.abs(y_mean)))
-        y_std = np.where(y_std > 1e-12 * np.maximum(1.0, np.abs(y_mean)), y_std, 1.0)
+        y_mean, y_std = column_moments(Y)
+        y_std, constant = scale_or_one(y_mean, y_std)
+        self.constant_targets_ = np.flatnonzero(constant)
         Xc = np.empty((n, d))
         np.subtract(X if order is None else X[order], x_mean, out=Xc)
         Xc = be.asarray(Xc, "float64")
@@ -152,11 +163,11 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 fold_sums = [self._fold_sums(be, Xc, sx, sy, C, piece,
                                              self._fold_decomposition(be, Xc, sx, G, train, piece, k), alphas)
                              for (train, _), piece in zip(splits, pieces)]
-                scores = _pooled_scores(*(sum(parts) for parts in zip(*fold_sums)), self.scoring)
+                scores = pooled_scores(*(sum(parts) for parts in zip(*fold_sums)), self.scoring)
             else:
                 scores, decomposition = self._gcv_scores(be, Xc, Ys32, G, sx, alphas, k)
             self.cv_scores_ = scores  # (n_alphas, n_genes), higher is better
-            best = _best_alpha_index(scores, self.alpha_per_target)
+            best = best_index(scores, self.alpha_per_target)
 
         if decomposition is not None:  # GCV decomposed the same data: no second decomposition
             lam, V, scale = decomposition
@@ -280,7 +291,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 S_p[a, J] = be.to_numpy(xp.sum(loo, axis=0, dtype=xp.float64))
                 S_pp[a, J] = be.to_numpy(xp.sum(loo * loo, axis=0, dtype=xp.float64))
                 S_py[a, J] = be.to_numpy(xp.sum(loo * Ysw, axis=0, dtype=xp.float64))
-        return _pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring), decomposition
+        return pooled_scores(S_p, S_pp, S_py, be.to_numpy(sy), be.to_numpy(syy), n, self.scoring), decomposition
 
     # -------------------------------------------------------------- predict
     def predict(self, X):
@@ -290,17 +301,6 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
 
 #: genes per block in the fold and GCV loops (a 1,536 x 512 float64 block is 6 MB)
 _GENE_BLOCK = 512
-
-
-def _column_mean_std(Y: np.ndarray, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and standard deviation in float64, a block of rows at a time
-    (no float64 copy of a float32 gene table)."""
-    mean = Y.sum(axis=0, dtype=np.float64) / Y.shape[0]
-    ss = np.zeros(Y.shape[1])
-    for i in range(0, Y.shape[0], rows):
-        dev = Y[i:i + rows] - mean
-        ss += np.einsum("ij,ij->j", dev, dev)
-    return mean, np.sqrt(ss / Y.shape[0])
 
 
 def _standardized(Y: np.ndarray, mean: np.ndarray, std: np.ndarray, order=None, rows: int = 256) -> np.ndarray:
@@ -453,12 +453,11 @@ def _diagonal(xp, M):
     return xp.linalg.diagonal(M) if hasattr(xp.linalg, "diagonal") else xp.diagonal(M)
 
 
-def _feature_scale(xp, var, standardize: bool):
-    """Per-feature standard deviation (1 for constant features), or ones without standardising."""
+def _feature_scale(xp, var, mean, standardize: bool):
+    """Per-feature standard deviation (1 for constant features: :func:`regress.base.scale_or_one`), or ones."""
     if not standardize:
         return xp.ones_like(var)
-    ok = var > 1e-12
-    return xp.where(ok, xp.sqrt(xp.where(ok, var, 1.0)), xp.ones_like(var))
+    return scale_or_one(mean, xp.sqrt(xp.clip(var, 0.0, None)), xp)[0]
 
 
 def _eigh(be, S):
@@ -476,7 +475,7 @@ def _decompose(be, G, sx, n, standardize: bool, k: int, v_dtype: str = "float32"
     xp = be.xp
     mu = sx / n
     Gc = G - n * (mu[:, None] * mu[None, :])
-    scale = _feature_scale(xp, _diagonal(xp, Gc) / n, standardize)
+    scale = _feature_scale(xp, _diagonal(xp, Gc) / n, mu, standardize)
     if standardize:
         Gc /= scale[:, None]  # in place: a fresh d x d array costs page faults
         Gc /= scale[None, :]
@@ -495,7 +494,7 @@ def _dual_eigh(be, Xrows, standardize: bool, k: int):
     n = Xrows.shape[0]
     mu = xp.sum(Xrows, axis=0) / n
     Xr = Xrows - mu[None, :]
-    scale = _feature_scale(xp, xp.sum(Xr * Xr, axis=0) / n, standardize)
+    scale = _feature_scale(xp, xp.sum(Xr * Xr, axis=0) / n, mu, standardize)
     if standardize:
         Xr = Xr / scale[None, :]
     lam, U = xp.linalg.eigh(Xr @ Xr.T)
@@ -520,31 +519,3 @@ def _decompose_dual(be, Xrows, standardize: bool, k: int):
     """
     lam, U, Xr, scale = _dual_eigh(be, Xrows, standardize, k)
     return lam, _dual_v(be, lam, U, Xr), scale
-
-
-def _pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n, scoring: str) -> np.ndarray:
-    """Scores from pooled running sums: -MSE, or Pearson r (constant -> -inf)."""
-    if scoring == "mse":
-        return -(S_yy[None, :] - 2 * S_py + S_pp) / n
-    cov = n * S_py - S_p * S_y[None, :]
-    vp = n * S_pp - S_p**2
-    vy = n * S_yy - S_y**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = cov / np.sqrt(np.maximum(vp, 0) * np.maximum(vy, 0)[None, :])
-    return np.where(np.isfinite(r), r, -np.inf)
-
-
-def _best_alpha_index(scores: np.ndarray, per_target: bool) -> np.ndarray:
-    """Masked best-score update over the alpha grid (first alpha wins ties)."""
-    n_alphas, g = scores.shape
-    if not per_target:
-        finite = np.where(np.isfinite(scores), scores, np.nan)
-        mean = np.nanmean(finite, axis=1) if np.isfinite(finite).any() else np.zeros(n_alphas)
-        return np.full(g, int(np.nanargmax(np.where(np.isnan(mean), -np.inf, mean))))
-    best = np.full(g, -np.inf)
-    idx = np.zeros(g, dtype=int)
-    for a in range(n_alphas):
-        better = scores[a] > best
-        best[better] = scores[a][better]
-        idx[better] = a
-    return idx

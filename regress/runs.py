@@ -1,178 +1,158 @@
-"""Fit a head on cached features with grouped CV and write a run folder.
+"""The run and stack folder contract: one self-contained folder per fitted result.
 
-Run folder contract (``RUN_FORMAT`` 1), ``<runs_dir>/<name>/``:
+Run folder (``RUN_FORMAT`` 2), ``<runs_dir>/<name>/``:
 
-* ``run.json``     - format, tool version, command, table path + fingerprint,
-  backbones with their cache paths and fingerprints (random-init flagged),
-  head name and parameters, folds, genes, timings;
+* ``run.json``     - format, tool version, command, ``identity`` (sha256 of
+  ``identity_fields``: table rows, targets and tile content, each cache's key,
+  head and its parameters, folds, seed, grouping, context), table path,
+  backbones with their caches, genes, timings, summary;
 * ``metrics.json`` - CV metrics (PCC per gene mean/median, per tile, MSE,
   constant genes, per-gene table);
 * ``per_gene.csv`` - gene, pcc, mse;
-* ``oof.h5``       - ``ids`` (n,), ``genes`` (g,), ``oof`` (n, g) float32,
-  ``fold`` (n,) int: the out-of-fold predictions stacking learns from;
-* ``model.joblib`` - the head refit on all rows.
+* ``oof.h5``       - everything later commands need, so a copied folder still
+  stacks, reports and predicts without the training table or its tiles:
+  ``ids`` (n,), ``genes`` (g,), ``oof`` (n, g) float32 out-of-fold
+  predictions, ``fold`` (n,) int32, ``y`` (n, g) float32 targets, and when
+  known ``groups`` (n,), ``xy`` (n, 2), ``slides`` (n,);
+* ``model.json`` + ``model.npz`` - the head refit on all rows, stored without
+  pickle (:mod:`regress.persist`); ``model.joblib`` only for plug-in heads.
 
-The folder is written under a temporary name and renamed when complete, so a
-folder with the final name is always a finished run.
+Stack folder (``kind: stack``): the same with ``stack.json`` in place of
+``run.json`` (runs, method, per-run summary) and the blend as the model.
+
+A folder is written under a temporary name and renamed when complete, so a
+folder with the final name is always finished.  Writing over a folder whose
+identity differs (other folds, seed, head parameters, table, caches) is
+refused unless ``overwrite``: the message says what differs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shlex
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
-import joblib
 import numpy as np
 
-from featurize import __version__
-from featurize.cache import load_features
-from featurize.errors import RunError, TableError
-from featurize.table import TileTable, index_of, read_table
-from regress.context import neighbour_features
-from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
-from regress.heads import make_head
-from regress.metrics import evaluate, evaluate_by_fold
+from featurize.errors import RunError
+from regress.persist import load_model, save_model
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
 _STR = h5py.string_dtype(encoding="utf-8")
+INFO_FILES = {"run": "run.json", "stack": "stack.json"}
 
 
-@dataclass
-class TrainingData:
-    """Features of one or more backbones aligned to a table's targets."""
-
-    table: TileTable
-    ids: np.ndarray
-    X: np.ndarray
-    Y: np.ndarray
-    groups: np.ndarray | None
-    caches: list[dict[str, Any]]
-
-
-def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[str], cache_dir="cache",
-                       cache_files: Sequence[str] | None = None, group_col: str | None = None,
-                       context: int = 0) -> TrainingData:
-    """Read the table and the caches, align rows by ID, concatenate backbones,
-    append ``context`` nearest-neighbour mean features (0 = none)."""
-    table = data if isinstance(data, TileTable) else read_table(data, group_col=group_col, require_genes=True,
-                                                                check_files=False)
-    if table.Y is None:
-        raise TableError(f"{table.source}: no gene columns; fit needs a training table with one column per gene.")
-    feats, infos = [], []
-    sources = list(cache_files) if cache_files else list(backbones)
-    for src in sources:
-        cache = load_features(table, None if cache_files else src, cache_dir, cache_file=src if cache_files else None)
-        feats.append(cache)
-        a = cache.attrs
-        infos.append({"backbone": cache.backbone, "cache": str(cache.path), "fingerprint": a["fingerprint"],
-                      "random_init": bool(a["random_init"]), "weights_sha256": a["weights_sha256"],
-                      "weights_source": a["weights_source"], "weights_path": a.get("weights_path", ""),
-                      "tta": int(a["tta"]), "dtype": a["dtype"], "key": json.loads(a["key_json"])})
-    # rows present in every cache (tiles skipped with --skip-bad drop out), in table order
-    present = set.intersection(*(set(c.ids) for c in feats))
-    rows = np.array([i for i, k in enumerate(table.ids) if k in present], dtype=int)
-    ids = table.ids[rows]
-    X = np.concatenate([c.features[index_of(c.ids, ids)] for c in feats], axis=1)
-    X = neighbour_features(X, table.xy[rows] if table.xy is not None else None,
-                           table.slides[rows] if table.slides is not None else None, context, str(table.source))
-    groups = table.groups[rows] if table.groups is not None else None
-    return TrainingData(table, ids, X, table.Y[rows], groups, infos)
-
-
-@dataclass
-class RunResult:
-    path: Path
-    metrics: dict[str, Any]
-    fit_seconds: float
-    oof: np.ndarray
-
-
-def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="cache", runs_dir="runs",
-            cache_files: Sequence[str] | None = None, folds: int = 5, group_col: str | None = None,
-            use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
-            command: str | None = None, log=print, training: TrainingData | None = None,
-            context: int = 0) -> RunResult:
-    """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder."""
-    td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context)
-    groups = td.groups if use_groups else None
-    splits = make_splits(len(td.ids), folds, groups, seed)
-    fold_of = np.zeros(len(td.ids), dtype=np.int32)
-    for f, (_, val) in enumerate(splits):
-        fold_of[val] = f
-    est = make_head(head, device, seed)
-    if device.startswith("cuda") and head in ("pls", "mean"):
-        log(f"[fit] note: head '{head}' has no GPU path and runs on the CPU.")
-    t0 = time.perf_counter()
-    oof = cross_val_predict_groups(est, td.X, td.Y, splits, groups,
-                                   on_fold=lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s"))
-    cv_seconds = time.perf_counter() - t0
-    metrics = evaluate(td.Y, oof, td.table.genes)
-    metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
-    t1 = time.perf_counter()
-    model = make_head(head, device, seed)
-    model.fit(td.X, td.Y, **({"groups": groups} if groups is not None and accepts_groups(model) else {}))
-    refit_seconds = time.perf_counter() - t1
-    bb_names = [c["backbone"] for c in td.caches]
-    ctx = f"-ctx{context}" if context else ""
-    name = name or f"{td.table.name}-{'+'.join(bb_names)}-{head}{ctx}".replace(":", "_").replace("/", "_")
-    info = {
-        "format": RUN_FORMAT,
-        "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "table": {"path": str(td.table.source), "fingerprint": td.table.fingerprint(), "n_rows": len(td.table),
-                  "n_used": len(td.ids), "group_col": td.table.group_col if use_groups else None},
-        "backbones": td.caches,
-        "random_init": any(c["random_init"] for c in td.caches),
-        "head": {"name": head, "params": {k: _jsonable(v) for k, v in est.get_params().items()}},
-        "context": context,
-        "folds": {"n": len(splits), "seed": seed, "grouped": groups is not None},
-        "genes": td.table.genes,
-        "cv_seconds": cv_seconds,
-        "refit_seconds": refit_seconds,
-        "summary": {k: metrics[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold", "pcc_gene_median",
-                                            "pcc_tile_mean", "mse")},
-    }
-    path = write_run(Path(runs_dir) / name, info, metrics, td.ids, td.table.genes, oof, fold_of, model)
-    return RunResult(path, metrics, cv_seconds, oof)
-
-
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, (np.ndarray, tuple)):
         return [float(x) for x in np.asarray(v).ravel()]
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
+    if isinstance(v, Path):
+        return str(v)
     return v
 
 
-def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model, info_name: str = "run.json",
-              model_name: str = "model.joblib") -> Path:
-    """Write every file under a temporary folder, then rename it into place."""
+def identity_of(fields: dict[str, Any]) -> str:
+    """sha256 of everything that changes a result's numbers."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=jsonable).encode()).hexdigest()
+
+
+def digest_array(a) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any], most: int = 4) -> str:
+    """'folds.n: 5 -> 6; head.params.alpha: 1 -> 3' for the fields that differ."""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    short = lambda v: (v[:12] + "...") if isinstance(v, str) and len(v) > 16 else v  # noqa: E731
+    return "; ".join(f"{k}: {short(a.get(k))!r} -> {short(b.get(k))!r}" for k in keys[:most]) + \
+        (f"; and {len(keys) - most} more" if len(keys) > most else "")
+
+
+@dataclass
+class RunData:
+    """The arrays of ``oof.h5``."""
+
+    ids: np.ndarray
+    genes: list[str]
+    oof: np.ndarray
+    fold: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None = None
+    xy: np.ndarray | None = None
+    slides: np.ndarray | None = None
+
+
+def _write_data(path: Path, d: RunData) -> None:
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("ids", data=np.asarray(d.ids).astype(object), dtype=_STR)
+        fh.create_dataset("genes", data=np.asarray(d.genes).astype(object), dtype=_STR)
+        fh.create_dataset("oof", data=np.asarray(d.oof, dtype=np.float32))
+        fh.create_dataset("fold", data=np.asarray(d.fold, dtype=np.int32))
+        fh.create_dataset("y", data=np.asarray(d.y, dtype=np.float32))
+        if d.groups is not None:
+            fh.create_dataset("groups", data=np.asarray(d.groups).astype(str).astype(object), dtype=_STR)
+        if d.xy is not None:
+            fh.create_dataset("xy", data=np.asarray(d.xy, dtype=np.float64))
+        if d.slides is not None:
+            fh.create_dataset("slides", data=np.asarray(d.slides).astype(str).astype(object), dtype=_STR)
+
+
+def read_run_data(folder: str | os.PathLike) -> RunData:
+    """The arrays of a run's or a stack's ``oof.h5``."""
+    path = Path(folder) / "oof.h5"
+    try:
+        with h5py.File(path, "r") as fh:
+            opt = lambda k, s=False: (fh[k].asstr()[()] if s else fh[k][()]) if k in fh else None  # noqa: E731
+            return RunData(fh["ids"].asstr()[()], list(fh["genes"].asstr()[()]), fh["oof"][()], fh["fold"][()],
+                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True))
+    except (OSError, KeyError) as exc:
+        raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
+
+
+def refuse_other_identity(final: Path, identity_fields: dict[str, Any], overwrite: bool = False) -> None:
+    """Raise when ``final`` holds a result whose identity differs (unless ``overwrite``); call before fitting."""
+    if overwrite or not Path(final).exists():
+        return
+    old = _read_info(Path(final))
+    if old is not None and old.get("identity") != identity_of(identity_fields):
+        raise RunError(f"{final}: already holds a {old.get('kind', 'run')} with other settings "
+                       f"({identity_diff(old.get('identity_fields', {}), identity_fields)}); "
+                       "pass --overwrite to replace it, or --name/--out to keep both.")
+
+
+def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data: RunData, model, *, kind: str = "run",
+              overwrite: bool = False) -> Path:
+    """Write every file under a temporary folder, then rename it into place (refusing another identity)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    refuse_other_identity(final, info.get("identity_fields", {}), overwrite)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        (tmp / info_name).write_text(json.dumps(info, indent=2, default=_jsonable))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_jsonable))
+        info = {**info, "kind": kind, "model_files": save_model(model, tmp, "model")}
+        (tmp / INFO_FILES[kind]).write_text(json.dumps(info, indent=2, default=jsonable))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=jsonable))
         import pandas as pd
 
         pd.DataFrame(metrics["per_gene"]).to_csv(tmp / "per_gene.csv", index=False)
-        with h5py.File(tmp / "oof.h5", "w") as fh:
-            fh.create_dataset("ids", data=np.asarray(ids).astype(object), dtype=_STR)
-            fh.create_dataset("genes", data=np.asarray(genes).astype(object), dtype=_STR)
-            fh.create_dataset("oof", data=np.asarray(oof, dtype=np.float32))
-            fh.create_dataset("fold", data=fold_of)
-        joblib.dump(model, tmp / model_name)
+        _write_data(tmp / "oof.h5", data)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -186,50 +166,65 @@ def write_run(final: Path, info, metrics, ids, genes, oof, fold_of, model, info_
     return final
 
 
-def read_oof(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, oof predictions, fold index) from a run's or a stack's ``oof.h5``."""
-    with h5py.File(Path(folder) / "oof.h5", "r") as fh:
-        return fh["ids"].asstr()[()], fh["oof"][()], fh["fold"][()]
+def _read_info(path: Path) -> dict[str, Any] | None:
+    for kind, name in INFO_FILES.items():
+        f = path / name
+        if f.is_file():
+            try:
+                return {"kind": kind, **json.loads(f.read_text())}
+            except (OSError, json.JSONDecodeError):
+                return {"kind": kind}
+    return None
 
 
 @dataclass
 class Run:
-    """A finished run read back from disk."""
+    """A finished run or stack read back from disk."""
 
     path: Path
     info: dict[str, Any]
     metrics: dict[str, Any]
 
     @property
+    def kind(self) -> str:
+        return self.info.get("kind", "run")
+
+    @property
     def genes(self) -> list[str]:
         return list(self.info["genes"])
 
-    def oof(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, oof predictions, fold index)."""
-        return read_oof(self.path)
+    def data(self) -> RunData:
+        return read_run_data(self.path)
 
-    def model(self):
-        return joblib.load(self.path / "model.joblib")
+    def model(self, trust_pickle: bool = False):
+        return load_model(self.path, "model", trust_pickle=trust_pickle)
+
+
+def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:
+    """Open a finished run or stack folder (the one place that tells them apart), refusing partial or old ones."""
+    path = Path(path)
+    info = _read_info(path)
+    if info is None:
+        hint = " (an interrupted fit leaves only a hidden .tmp folder)" if path.name.startswith(".") else ""
+        raise RunError(f"{path}: not a finished hexpress run or stack folder (no run.json or stack.json){hint}; "
+                       "rerun `python cli.py fit` or `stack`.")
+    if kind is not None and info["kind"] != kind:
+        raise RunError(f"{path}: is a {info['kind']} folder, not a {kind}.")
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path}: run files are unreadable ({exc}); refit.") from exc
+    if info.get("format") != RUN_FORMAT:
+        raise RunError(f"{path}: format {info.get('format')!r} is not {RUN_FORMAT} (made by hexpress "
+                       f"{info.get('tool_version', '?')}); refit it with this version.")
+    if not (path / "oof.h5").is_file():
+        raise RunError(f"{path}: oof.h5 is missing; refit.")
+    return Run(path, info, metrics)
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """Open a finished run folder, refusing partial or incompatible ones."""
-    path = Path(path)
-    if not (path / "run.json").is_file():
-        hint = " (an interrupted fit leaves only a hidden .tmp folder)" if path.name.startswith(".") else ""
-        raise RunError(f"{path}: not a finished hexpress run folder (no run.json){hint}; rerun `python cli.py fit`.")
-    try:
-        info = json.loads((path / "run.json").read_text())
-        metrics = json.loads((path / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"{path}: run files are unreadable ({exc}); rerun `python cli.py fit`.") from exc
-    if info.get("format") != RUN_FORMAT:
-        raise RunError(f"{path}: run format {info.get('format')!r} is not {RUN_FORMAT} (made by hexpress "
-                       f"{info.get('tool_version', '?')}); refit it with this version.")
-    for f in ("oof.h5", "model.joblib"):
-        if not (path / f).is_file():
-            raise RunError(f"{path}: {f} is missing; rerun `python cli.py fit`.")
-    return Run(path, info, metrics)
+    """Open a finished run folder (not a stack)."""
+    return open_result(path, kind="run")
 
 
 def runs_for_table(runs_dir: str | os.PathLike, table: str | os.PathLike) -> list[Path]:

@@ -11,21 +11,20 @@ with an intercept.
 The stack's own score is cross-fitted: its weights for a fold are learned on
 the other folds' rows only.
 
-Stack folder contract (``STACK_FORMAT`` 1), ``<runs_dir>/<name>/``:
-``stack.json`` (format, run folders, method, metrics summary, genes),
-``metrics.json``, ``oof.h5`` (as a run's), ``stack.joblib`` (the fitted
-:class:`Stack` refit on all rows).
+The stack folder follows the run folder contract (:mod:`regress.runs`):
+``stack.json`` (runs, method, per-run summary, genes), ``metrics.json``,
+``oof.h5`` (cross-fitted predictions and the targets), ``model.json`` /
+``model.npz`` (the :class:`Stack` refit on all rows).  Stacking reads only
+the runs' folders, never the training table.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import joblib
 import numpy as np
 from scipy.optimize import nnls
 from sklearn.base import BaseEstimator
@@ -33,11 +32,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from featurize import __version__
 from featurize.errors import RunError, UsageError
-from featurize.table import index_of, read_table
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import Run, load_run, write_run
-
-STACK_FORMAT = 1
+from regress.runs import RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, write_run
 
 
 class Stack(BaseEstimator):
@@ -94,34 +90,36 @@ class StackResult:
     summary: list[dict]
 
 
-def _check_runs(runs: list[Run]) -> tuple[np.ndarray, list[str], np.ndarray, list[np.ndarray]]:
-    ids0, oof0, fold0 = runs[0].oof()
-    genes = runs[0].genes
-    oofs = [oof0]
+def check_runs(runs: list[Run]) -> tuple[RunData, list[np.ndarray]]:
+    """The runs' shared data and their OOF predictions; refuses runs that disagree (naming the first that does)."""
+    d0 = runs[0].data()
+    oofs = [d0.oof]
     for r in runs[1:]:
-        ids, oof, fold = r.oof()
-        if r.info["table"]["fingerprint"] != runs[0].info["table"]["fingerprint"]:
-            raise RunError(f"{r.path}: fitted on another tile table than {runs[0].path}; stack runs of one table.")
-        if r.genes != genes:
+        d = r.data()
+        if r.genes != runs[0].genes:
             raise RunError(f"{r.path}: genes differ from {runs[0].path}; stack runs of one gene set.")
-        if not np.array_equal(ids, ids0) or not np.array_equal(fold, fold0):
-            raise RunError(f"{r.path}: rows or CV folds differ from {runs[0].path}; refit with the same --folds, "
+        if not np.array_equal(d.ids, d0.ids):
+            raise RunError(f"{r.path}: its rows (IDs) differ from {runs[0].path}; stack runs fitted on the same "
+                           "table with the same caches.")
+        if not np.array_equal(d.fold, d0.fold):
+            raise RunError(f"{r.path}: its CV folds differ from {runs[0].path}; refit with the same --folds, "
                            "--groups and --seed so the stack can be cross-fitted.")
-        oofs.append(oof)
-    return ids0, genes, fold0, oofs
+        if not np.array_equal(d.y, d0.y):
+            raise RunError(f"{r.path}: fitted to other target values than {runs[0].path}; stack runs of one table.")
+        oofs.append(d.oof)
+    return d0, oofs
 
 
 def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-               method: str = "nnls", alpha: float = 1.0, log=print) -> StackResult:
+               method: str = "nnls", alpha: float = 1.0, log=print, overwrite: bool = False) -> StackResult:
     """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it."""
     if len(run_paths) < 2:
-        raise UsageError("stack needs at least two runs (--run A --run B, or --all).")
+        raise UsageError("stack needs at least two runs (--run A --run B, or --all TABLE).")
+    if method not in ("nnls", "ridge"):
+        raise UsageError(f"--method {method}: choose nnls or ridge.")
     runs = [load_run(p) for p in run_paths]
-    ids, genes, fold, oofs = _check_runs(runs)
-    table = read_table(runs[0].info["table"]["path"], check_files=False)
-    if table.fingerprint() != runs[0].info["table"]["fingerprint"]:
-        raise RunError(f"{table.source}: the tile table changed since {runs[0].path} was fitted; refit the runs.")
-    Y = table.Y[index_of(table.ids, ids)]
+    d, oofs = check_runs(runs)
+    genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
     for f in np.unique(fold):
         tr, va = fold != f, fold == f
@@ -143,15 +141,18 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     summary.append({"run": "plain average", "pcc_gene_by_fold": avg["pcc_gene_mean_by_fold"], "pcc_gene_pooled": avg["pcc_gene_mean"]})
     summary.append({"run": f"stack ({method}, cross-fitted)", "pcc_gene_by_fold": metrics["pcc_gene_mean_by_fold"],
                     "pcc_gene_pooled": metrics["pcc_gene_mean"]})
-    out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table.name}"
-    info = {"format": STACK_FORMAT, "kind": "stack", "tool_version": __version__,
+    table_name = Path(runs[0].info["table"]["path"]).stem
+    out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table_name}"
+    fields = {"format": RUN_FORMAT, "runs": [r.info.get("identity") for r in runs], "method": method,
+              "alpha": alpha if method == "ridge" else None}
+    info = {"format": RUN_FORMAT, "tool_version": __version__, "identity": identity_of(fields), "identity_fields": fields,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
             "method": method, "alpha": alpha, "table": runs[0].info["table"], "genes": genes, "summary": summary,
             "random_init": any(r.info.get("random_init") for r in runs),
             "backbones": [b for r in runs for b in r.info["backbones"]],
             "mean_weights": final.weights_.mean(1).tolist()}
-    path = write_run(out, info, metrics, ids, genes, stacked.astype(np.float32), fold, final,
-                     info_name="stack.json", model_name="stack.joblib")
+    data = RunData(d.ids, genes, stacked.astype(np.float32), fold, d.y, d.groups, d.xy, d.slides)
+    path = write_run(out, info, metrics, data, final, kind="stack", overwrite=overwrite)
     for row in summary:
         log(f"{row['run']}: PCC/gene by fold {row['pcc_gene_by_fold']:.4f}, pooled {row['pcc_gene_pooled']:.4f}")
     return StackResult(path, metrics, stacked, summary)
@@ -159,11 +160,10 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 def load_stack(path: str | os.PathLike) -> tuple[dict, Stack, list[Run]]:
     """(stack.json, fitted Stack, its runs) of a stack folder."""
-    path = Path(path)
-    try:
-        info = json.loads((path / "stack.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"{path}: not a finished stack folder ({exc}); rerun `python cli.py stack`.") from exc
-    if info.get("format") != STACK_FORMAT:
-        raise RunError(f"{path}: stack format {info.get('format')!r} is not {STACK_FORMAT}; restack with this version.")
-    return info, joblib.load(path / "stack.joblib"), [load_run(p) for p in info["runs"]]
+    res = open_result(path, kind="stack")
+    runs = []
+    for p in res.info["runs"]:
+        p = Path(p)
+        moved = res.path.parent / p.name  # a stack copied with its runs: they sit beside it
+        runs.append(load_run(p if p.is_dir() or not moved.is_dir() else moved))
+    return res.info, res.model(), runs

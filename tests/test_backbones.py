@@ -4,7 +4,8 @@ import torch
 
 from featurize.backbones import BackboneSpec, get_spec, list_backbones, register
 from featurize.errors import BackboneError, WeightsError
-from featurize.weights import create_backbone, resolve_weights
+from featurize.models import create_backbone
+from featurize.weights import resolve_weights
 
 REQUIRED = {"vit_base", "vit_small", "resnet50", "inception_resnet_v2", "efficientnet_b0", "convnext_tiny",
             "dinov2_vitb14", "efficientnet_lite0", "mobilenetv2", "uni", "h_optimus_0", "virchow2", "prov_gigapath"}
@@ -36,7 +37,7 @@ def test_imagenet_specs_match_timm_pretrained_cfg(name):
 def test_spec_embed_dim_matches_the_built_model(name):
     spec = get_spec(name)
     model = create_backbone(spec, resolve_weights(spec, random_init=True))
-    from featurize.weights import extract
+    from featurize.models import extract
 
     x = torch.zeros(1, 3, spec.input_size, spec.input_size)
     with torch.inference_mode():

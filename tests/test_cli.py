@@ -32,15 +32,16 @@ def test_fit_and_compare_end_to_end(syn_cache, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["random_init"] and info["folds"] == {"n": 4, "seed": 0, "grouped": True}
     assert info["backbones"][0]["fingerprint"] and info["table"]["group_col"] == "slide"
-    for f in ("metrics.json", "per_gene.csv", "oof.h5", "model.joblib"):
+    for f in ("metrics.json", "per_gene.csv", "oof.h5", "model.json", "model.npz"):
         assert (run / f).is_file()
+    assert not (run / "model.joblib").exists()  # built-in heads are stored without pickle
     rc = cli.main(["compare", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
                    "--runs-dir", str(tmp_path / "runs"), "--head", "ridge", "--head", "pls", "--head", "mean",
                    "--folds", "4"])
     assert rc == 0
     assert (tmp_path / "runs" / "compare-train.png").stat().st_size > 1000
     # same numbers from the API and the CLI
-    from regress.runs import fit_run
+    from regress.fit import fit_run
 
     res = fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path / "api", folds=4,
                   log=lambda *a: None)

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from featurize.backbones import get_spec
-from featurize.weights import build_model, create_backbone, embedding_dim, extract, resolve_weights
+from featurize.models import build_model, create_backbone, embedding_dim, extract
+from featurize.weights import resolve_weights
 
 SWIGLU = {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
 OFFICIAL = {  # name: (timm architecture, kwargs as the official instructions pass them, published params in millions)

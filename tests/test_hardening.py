@@ -129,12 +129,12 @@ def test_disk_full_is_a_clear_error_and_a_rerun_recovers(syn_table, tmp_path, mo
 
 def test_interrupted_fit_leaves_no_run_folder(syn_cache, tmp_path, monkeypatch):
     table, cache_dir = syn_cache
-    import joblib
+    import regress.runs
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(joblib, "dump", boom)
+    monkeypatch.setattr(regress.runs, "save_model", boom)  # interrupted while writing the run folder
     rc = cli.main(["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
                    "--runs-dir", str(tmp_path), "--folds", "4"])
     assert rc == 130
@@ -147,7 +147,7 @@ def test_old_or_partial_run_folders_are_refused(syn_cache, tmp_path):
                      "--runs-dir", str(tmp_path), "--folds", "4"]) == 0
     run = next(tmp_path.iterdir())
     info = (run / "run.json").read_text()
-    (run / "run.json").write_text(info.replace('"format": 1', '"format": 0'))
+    (run / "run.json").write_text(info.replace('"format": 2', '"format": 1'))
     with pytest.raises(RunError, match="refit it"):
         load_run(run)
     (run / "run.json").unlink()

@@ -6,7 +6,7 @@ from featurize.cache import load_features
 from featurize.extract import embed
 from featurize.importers.st import import_st
 from featurize.table import read_table
-from regress.runs import fit_run
+from regress.fit import fit_run
 
 
 @needs_her2st

@@ -7,7 +7,8 @@ from sklearn.preprocessing import StandardScaler
 
 from conftest import rel_err, ridge_data
 from regress.cv import make_splits
-from regress.ridge import RidgeHead, _best_alpha_index
+from regress.ridge import RidgeHead
+from regress.selection import best_index
 
 
 @pytest.mark.parametrize("standardize", [False, True])
@@ -100,8 +101,8 @@ def test_gcv_exact_near_interpolation(standardize):
 def test_masked_update_equals_argmax_and_shared_alpha():
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((13, 50))
-    np.testing.assert_array_equal(_best_alpha_index(scores, True), np.argmax(scores, 0))
-    assert set(_best_alpha_index(scores, False)) == {int(np.argmax(scores.mean(1)))}
+    np.testing.assert_array_equal(best_index(scores, True), np.argmax(scores, 0))
+    assert set(best_index(scores, False)) == {int(np.argmax(scores.mean(1)))}
 
 
 def test_per_gene_alphas_differ_when_genes_differ():

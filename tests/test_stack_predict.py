@@ -62,7 +62,7 @@ def test_stack_predict_report_end_to_end(fitted):
     stack = runs / "stack-train"
     assert (stack / "stack.json").is_file()
     out = root / "sub.csv"
-    assert cli.main(["predict", "--run", str(stack), "--data", str(test), "--cache-dir", str(root / "cache"),
+    assert cli.main(["predict", str(stack), "--data", str(test), "--cache-dir", str(root / "cache"),
                      "--out", str(out), "--template", str(tmpl), "--device", "cpu"]) == 0
     sub = pd.read_csv(out)
     assert list(sub.columns) == list(pd.read_csv(tmpl, nrows=0).columns)  # template order (genes reversed)
@@ -70,7 +70,7 @@ def test_stack_predict_report_end_to_end(fitted):
     assert np.isfinite(sub[genes].to_numpy()).all()
     # single run, training gene order
     out2 = root / "sub2.csv"
-    assert cli.main(["predict", "--run", str(runs / "train-timm_test_vit-ridge"), "--data", str(test),
+    assert cli.main(["predict", str(runs / "train-timm_test_vit-ridge"), "--data", str(test),
                      "--cache-dir", str(root / "cache"), "--out", str(out2), "--device", "cpu"]) == 0
     assert list(pd.read_csv(out2, nrows=0).columns) == ["ID", *genes]
     assert cli.main(["report", str(stack)]) == 0
@@ -91,19 +91,19 @@ def test_predict_refuses_bad_input_and_writes_nothing(fitted, tmp_path):
         from regress.predict import predict_table
 
         predict_table(run, root / "bad_missing.csv", cache_dir=root / "cache", device="cpu")
-    rc = cli.main(["predict", "--run", str(run), "--data", str(root / "bad_missing.csv"), "--out", str(out),
+    rc = cli.main(["predict", str(run), "--data", str(root / "bad_missing.csv"), "--out", str(out),
                    "--cache-dir", str(root / "cache"), "--device", "cpu"])
     assert rc == 2 and not out.exists()
     # template with an unknown ID
     t = pd.read_csv(tmpl)
     t.loc[0, "ID"] = "NOPE"
     t.to_csv(tmp_path / "t.csv", index=False)
-    rc = cli.main(["predict", "--run", str(run), "--data", str(test), "--out", str(out), "--template",
+    rc = cli.main(["predict", str(run), "--data", str(test), "--out", str(out), "--template",
                    str(tmp_path / "t.csv"), "--cache-dir", str(root / "cache"), "--device", "cpu"])
     assert rc == 2 and not out.exists()
     # test IDs overlapping the training table
     tr = pd.read_csv(train)
     tr[["ID", "path", "slide", "x", "y"]].to_csv(root / "overlap.csv", index=False)
-    rc = cli.main(["predict", "--run", str(run), "--data", str(root / "overlap.csv"), "--out", str(out),
+    rc = cli.main(["predict", str(run), "--data", str(root / "overlap.csv"), "--out", str(out),
                    "--cache-dir", str(root / "cache"), "--device", "cpu"])
     assert rc == 2 and not out.exists()

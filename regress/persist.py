@@ -1,0 +1,127 @@
+"""Fitted heads on disk without pickle: arrays in ``.npz``, everything else in JSON.
+
+Run and stack folders travel between people and machines, and unpickling a
+file runs whatever code it holds.  So the built-in estimators (``SAFE``) are
+stored as ``<stem>.json`` (class, constructor parameters, scalar fitted
+attributes) plus ``<stem>.npz`` (array attributes; loaded with
+``allow_pickle=False``), and rebuilt from an allow-list of classes.  Only
+plug-in heads (``--head sklearn:<module.Class>``), whose state hexpress cannot
+know, are pickled (``<stem>.joblib``), and loading one needs an explicit
+``trust_pickle=True`` (``--trust-pickle``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurize.errors import RunError
+
+#: Class name -> module of the estimators stored without pickle.
+SAFE = {"RidgeHead": "regress.ridge", "PLSHead": "regress.pls", "MLPHead": "regress.mlp",
+        "DummyRegressor": "sklearn.dummy", "Stack": "regress.stack"}
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _json_value(v: Any):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, _SCALARS):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, _SCALARS + (np.generic,)) for x in v):
+        return {"__tuple__" if isinstance(v, tuple) else "__list__": [_json_value(x) for x in v]}
+    raise TypeError(type(v).__name__)
+
+
+def _from_json(v: Any):
+    if isinstance(v, dict) and len(v) == 1:
+        (k, items), = v.items()
+        if k == "__tuple__":
+            return tuple(items)
+        if k == "__list__":
+            return list(items)
+    return v
+
+
+def is_safe(est) -> bool:
+    """True when ``est`` is one of the built-in classes stored without pickle."""
+    name = type(est).__name__
+    return name in SAFE and type(est).__module__ == SAFE[name]
+
+
+def save_model(est, folder: str | os.PathLike, stem: str = "model") -> list[str]:
+    """Write a fitted estimator into ``folder``; returns the file names written."""
+    folder = Path(folder)
+    if not is_safe(est):
+        import joblib
+
+        joblib.dump(est, folder / f"{stem}.joblib")
+        return [f"{stem}.joblib"]
+    params = est.get_params(deep=False)
+    scalars: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in vars(est).items():
+        if k in params:
+            continue
+        if isinstance(v, np.ndarray):
+            if v.dtype == object:
+                raise RunError(f"{type(est).__name__}.{k}: an object array cannot be stored safely.")
+            arrays[f"a:{k}"] = v
+        elif isinstance(v, dict) and v and all(hasattr(t, "detach") for t in v.values()):  # torch state dict
+            for name, t in v.items():
+                arrays[f"t:{k}:{name}"] = t.detach().cpu().numpy()
+            scalars[k] = {"__torch_state__": list(v)}
+        else:
+            try:
+                scalars[k] = _json_value(v)
+            except TypeError as exc:
+                raise RunError(f"{type(est).__name__}.{k} ({exc}) cannot be stored safely.") from exc
+    doc = {"class": type(est).__name__, "params": {k: _json_value(v) for k, v in params.items()}, "state": scalars,
+           "arrays": sorted(arrays)}
+    np.savez(folder / f"{stem}.npz", **arrays)
+    (folder / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    return [f"{stem}.json", f"{stem}.npz"]
+
+
+def load_model(folder: str | os.PathLike, stem: str = "model", trust_pickle: bool = False):
+    """Rebuild the estimator saved by :func:`save_model` (pickles only with ``trust_pickle``)."""
+    folder = Path(folder)
+    doc_path, pkl = folder / f"{stem}.json", folder / f"{stem}.joblib"
+    if doc_path.is_file():
+        try:
+            doc = json.loads(doc_path.read_text())
+            cls_name = doc["class"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise RunError(f"{doc_path}: unreadable model description ({exc}); refit.") from exc
+        if cls_name not in SAFE:
+            raise RunError(f"{doc_path}: class {cls_name!r} is not one hexpress restores; refit with this version.")
+        cls = getattr(importlib.import_module(SAFE[cls_name]), cls_name)
+        est = cls(**{k: _from_json(v) for k, v in doc["params"].items()})
+        try:
+            with np.load(folder / f"{stem}.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{folder / (stem + '.npz')}: unreadable model arrays ({exc}); refit.") from exc
+        for k, v in doc["state"].items():
+            if isinstance(v, dict) and "__torch_state__" in v:
+                import torch
+
+                setattr(est, k, {name: torch.from_numpy(arrays[f"t:{k}:{name}"]) for name in v["__torch_state__"]})
+            else:
+                setattr(est, k, _from_json(v))
+        for key, arr in arrays.items():
+            if key.startswith("a:"):
+                setattr(est, key[2:], arr)
+        return est
+    if pkl.is_file():
+        if not trust_pickle:
+            raise RunError(f"{pkl}: a plug-in head stored with pickle, and opening it runs whatever code the file holds; "
+                           "pass --trust-pickle only if you trust whoever wrote this folder.")
+        import joblib
+
+        return joblib.load(pkl)
+    raise RunError(f"{folder}: no fitted model ({stem}.json or {stem}.joblib); refit.")

@@ -1,0 +1,235 @@
+"""Runs and caches you can trust: run identity, self-contained run folders, no pickle, heads from anywhere,
+and every command's bad arguments ending in one error line."""
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from featurize.errors import RunError, UsageError
+from featurize.synthetic import make_synthetic_table
+
+
+def run(argv):
+    """cli.main in-process; argparse's exits become return codes."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    train = make_synthetic_table(root / "data", n=40, n_genes=5, size=48, name="train", seed=0)
+    test = make_synthetic_table(root / "data", n=8, n_genes=5, size=48, name="test", seed=1)
+    df = pd.read_csv(test)
+    df["ID"] = "T" + df["ID"].astype(str)
+    df[["ID", "path", "slide", "x", "y"]].to_csv(test, index=False)
+    cache = root / "cache"
+    assert run(["embed", "--data", train, "--backbone", "timm:test_vit", "--random-init", "--quiet", "--cache-dir",
+                cache, "--workers", "0"]) == 0
+    return root, train, test, cache
+
+
+def fit(world, runs, *extra):
+    root, train, _, cache = world
+    return run(["fit", "--data", train, "--backbone", "timm:test_vit", "--cache-dir", cache, "--runs-dir", runs,
+                "--folds", "4", "--device", "cpu", *extra])
+
+
+# ------------------------------------------------------------------ run identity
+def test_refit_with_other_settings_is_refused_without_overwrite(world, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert fit(world, runs) == 0
+    folder = runs / "train-timm_test_vit-ridge"
+    before = json.loads((folder / "run.json").read_text())["identity"]
+    assert fit(world, runs) == 0  # same settings: same identity, replaced quietly
+    capsys.readouterr()
+    assert fit(world, runs, "--seed", "3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "folds.seed: 0 -> 3" in err and "--overwrite" in err
+    assert json.loads((folder / "run.json").read_text())["identity"] == before  # untouched
+    assert fit(world, runs, "--head-param", "cv=3") == 2
+    assert "head.params.cv" in capsys.readouterr().err
+    assert fit(world, runs, "--seed", "3", "--overwrite") == 0
+    assert json.loads((folder / "run.json").read_text())["identity"] != before
+
+
+# ------------------------------------------------------------------ self-contained run folders
+def test_a_run_folder_copied_elsewhere_stacks_reports_and_predicts_without_the_training_table(world, tmp_path):
+    root, train, test, cache = world
+    runs = tmp_path / "runs"
+    assert fit(world, runs) == 0
+    assert fit(world, runs, "--head", "pls") == 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(runs, moved)
+    # the training table and its tiles are gone; only the copied runs and the test side remain
+    work = tmp_path / "w"
+    shutil.copytree(root / "data", work)
+    (work / "train.csv").unlink()
+    shutil.rmtree(work / "train")
+    ra, rb = moved / "train-timm_test_vit-ridge", moved / "train-timm_test_vit-pls"
+    assert run(["report", ra]) == 0 and list((ra / "report").glob("spatial_*.png"))
+    assert run(["stack", ra, rb, "--out", moved / "stack"]) == 0
+    out = tmp_path / "pred.csv"
+    assert run(["predict", moved / "stack", "--data", work / "test.csv", "--cache-dir", tmp_path / "tc",
+                "--out", out, "--device", "cpu"]) == 0
+    assert len(pd.read_csv(out)) == 8
+
+
+def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
+    root, train, test, cache = world
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert fit(world, a) == 0
+    assert fit(world, b, "--head", "pls", "--folds", "3") == 0
+    from regress.stack import stack_runs
+
+    with pytest.raises(RunError, match="CV folds differ"):
+        stack_runs([a / "train-timm_test_vit-ridge", b / "train-timm_test_vit-pls"], out_dir=tmp_path / "s")
+    # other genes: a table with one gene less
+    df = pd.read_csv(train)
+    df.drop(columns=[c for c in df.columns if c.startswith("GENE")][-1]).to_csv(root / "data" / "train4.csv", index=False)
+    assert run(["embed", "--data", root / "data" / "train4.csv", "--backbone", "timm:test_vit", "--random-init",
+                "--quiet", "--cache-dir", cache, "--workers", "0"]) == 0
+    assert run(["fit", "--data", root / "data" / "train4.csv", "--backbone", "timm:test_vit", "--cache-dir", cache,
+                "--runs-dir", tmp_path / "c", "--folds", "4", "--device", "cpu"]) == 0
+    with pytest.raises(RunError, match="genes differ"):
+        stack_runs([a / "train-timm_test_vit-ridge", tmp_path / "c" / "train4-timm_test_vit-ridge"], out_dir=tmp_path / "s")
+    # a stack whose runs no longer agree (one refitted with other folds) is refused by predict
+    assert fit(world, tmp_path / "d") == 0
+    assert fit(world, tmp_path / "d", "--head", "pls") == 0
+    d = tmp_path / "d"
+    stack_runs([d / "train-timm_test_vit-ridge", d / "train-timm_test_vit-pls"], out_dir=d / "stack", log=lambda *x: None)
+    assert fit(world, d, "--head", "pls", "--folds", "3", "--overwrite") == 0
+    from regress.predict import predict_table
+
+    with pytest.raises(RunError, match="CV folds differ"):
+        predict_table(d / "stack", test, cache_dir=cache, device="cpu")
+
+
+# ------------------------------------------------------------------ no pickle for the built-in heads
+@pytest.mark.parametrize("head", ["ridge", "ridge-pcc", "hest", "pls", "mlp", "mean"])
+def test_built_in_heads_round_trip_without_pickle(head, tmp_path):
+    from regress.heads import make_head
+    from regress.persist import load_model, save_model
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((60, 8)), rng.standard_normal((60, 3))
+    est = make_head(head, "cpu", 0, {"max_epochs": 5} if head == "mlp" else None).fit(X, Y)
+    files = save_model(est, tmp_path)
+    assert files == ["model.json", "model.npz"]
+    back = load_model(tmp_path)
+    assert type(back) is type(est)
+    np.testing.assert_array_equal(back.predict(X), est.predict(X))
+
+
+def test_plugin_head_is_pickled_and_a_tampered_pickle_is_refused_without_trust(world, tmp_path, capsys):
+    root, train, test, cache = world
+    runs = tmp_path / "runs"
+    assert fit(world, runs, "--head", "sklearn:sklearn.linear_model.Ridge", "--head-param", "alpha=3") == 0
+    folder = runs / "train-timm_test_vit-sklearn_sklearn.linear_model.Ridge"
+    info = json.loads((folder / "run.json").read_text())
+    assert info["head"]["params"]["alpha"] == 3 and info["head"]["plugin"] and (folder / "model.joblib").is_file()
+    out = tmp_path / "p.csv"
+    argv = ["predict", folder, "--data", test, "--cache-dir", tmp_path / "tc", "--out", out, "--device", "cpu"]
+    capsys.readouterr()
+    assert run(argv) == 2 and "--trust-pickle" in capsys.readouterr().err and not out.exists()
+    assert run([*argv, "--trust-pickle"]) == 0 and out.is_file()
+    # a pickle that runs code when loaded: refused (and not run) without the flag
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "model.joblib").write_bytes(pickle.dumps(Evil()))
+    out.unlink()
+    assert run(argv) == 2 and not marker.exists() and not out.exists()
+
+
+# ------------------------------------------------------------------ heads from anywhere
+def test_head_params_are_checked_and_never_silently_overridden(world, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for extra, msg in ((["--head-param", "nope=1"], "has no such parameter"),
+                       (["--head-param", "device=cuda"], "contradicts --device"),
+                       (["--head-param", "random_state=5"], "contradicts --seed"),
+                       (["--head-param", "scoring=x"], "scoring"),
+                       (["--head-param", "oops"], "NAME=VALUE"),
+                       (["--head", "sklearn:no.such.Thing"], "cannot import"),
+                       (["--head", "sklearn:sklearn.linear_model.Lasso", "--head-param", "alpha=-1"], "alpha"),
+                       (["--head", "nonsense"], "unknown head")):
+        capsys.readouterr()
+        assert fit(world, runs, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (extra, err)
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_builtin_heads_declare_parameter_constraints():
+    from regress.mlp import MLPHead
+    from regress.pls import PLSHead
+    from regress.ridge import RidgeHead
+
+    for cls in (RidgeHead, PLSHead, MLPHead):
+        assert set(cls._parameter_constraints) == set(cls().get_params())
+    with pytest.raises(UsageError, match="scoring"):
+        RidgeHead(scoring="r2").fit(np.zeros((4, 2)), np.zeros(4))
+
+
+# ------------------------------------------------------------------ every command, bad arguments
+BAD = [
+    (["fit", "--data", "{train}", "--cache-dir", "{cache}"], "--backbone NAME"),
+    (["fit", "--data", "{train}", "--backbone", "timm:test_vit", "--cache", "x.h5"], "contradict"),
+    (["fit", "--data", "{train}", "--backbone", "timm:test_vit", "--folds", "abc"], "invalid int"),
+    (["fit", "--data", "{missing}", "--backbone", "timm:test_vit"], "not found"),
+    (["fit", "--data", "{train}", "--backbone", "timm:test_vit", "--cache-dir", "{cache}", "--groups", "nope"], "nope"),
+    (["compare", "--data", "{train}", "--backbone", "timm:test_vit"], "--head"),
+    (["tiles", "st", "{root}", "--out", "{out}", "--genes", "abc"], "--genes abc"),
+    (["tiles", "st", "{root}", "--out", "{out}", "--genes", "0"], "--genes 0"),
+    (["tiles", "hest", "{root}", "--out", "{out}", "--section", "S", "--tile-um", "50"], "does not apply"),
+    (["tiles", "visium", "{root}", "--out", "{out}", "--section", "S"], "does not apply"),
+    (["tiles", "nope", "{root}", "--out", "{out}"], "invalid choice"),
+    (["embed", "--data", "{train}"], "--backbone"),
+    (["embed", "--data", "{train}", "--backbone", "no_such", "--cache-dir", "{out}"], "unknown backbone"),
+    (["embed", "--data", "{train}", "--backbone", "timm:test_vit", "--tta", "3"], "invalid choice"),
+    (["embed", "--data", "{train}", "--backbone", "timm:test_vit", "--batch-size", "0", "--cache-dir", "{out}",
+      "--random-init"], "--batch-size"),
+    (["cache", "verify", "{missing}"], "not found"),
+    (["cache", "info"], "file"),
+    (["stack", "{out}"], "at least two runs"),
+    (["stack", "--all", "{train}", "--runs-dir", "{out}"], "no finished run"),
+    (["stack", "{out}", "{out}", "--alpha", "2"], "--alpha"),
+    (["predict", "{out}", "--data", "{train}", "--out", "{out}/s.csv"], "not a finished"),
+    (["predict", "{out}", "--data", "{train}", "--out", "{out}/s.txt"], "*.csv"),
+    (["report", "{out}"], "not a finished"),
+    (["import-embeddings", "--data", "{train}", "{missing}", "--backbone", "x", "--cache-dir", "{out}"], "no such"),
+    (["import-embeddings", "--data", "{train}", "{missing}"], "--backbone"),
+    (["backbones", "--nope"], "unrecognized"),
+    (["demo", "--device", "cuda", "--workdir", "{out}"], "CUDA"),
+    (["nope"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_arguments_give_one_error_line_exit_2_and_write_nothing(world, tmp_path, capsys, argv, msg):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    root, train, test, cache = world
+    out = tmp_path / "out"
+    subs = {"{train}": str(train), "{cache}": str(cache), "{missing}": str(tmp_path / "missing.csv"),
+            "{root}": str(tmp_path / "nodata"), "{out}": str(out)}
+    argv = [subs.get(a, a.replace("{out}", str(out))) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert msg in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
