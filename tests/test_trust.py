@@ -233,3 +233,76 @@ def test_bad_arguments_give_one_error_line_exit_2_and_write_nothing(world, tmp_p
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert msg in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+# ------------------------------------------------------------------ smaller promises of the issue
+def test_damaged_cache_is_named_as_damaged_and_embed_replaces_it(world, tmp_path):
+    root, train, test, cache = world
+    c = tmp_path / "cache"
+    shutil.copytree(cache, c)
+    f = next(c.rglob("timm_test_vit-*.h5"))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 3])
+    from featurize.cache import load_features
+    from featurize.errors import CacheError
+    from featurize.table import read_table
+
+    with pytest.raises(CacheError, match="damaged"):
+        load_features(read_table(train), "timm:test_vit", c)
+    assert run(["embed", "--data", train, "--backbone", "timm:test_vit", "--random-init", "--quiet", "--cache-dir", c,
+                "--workers", "0"]) == 0
+    assert load_features(read_table(train), "timm:test_vit", c).features.shape[0] == 40
+
+
+def test_stale_imported_cache_suggests_import_embeddings(tmp_path):
+    import h5py
+
+    from featurize.cache import load_features
+    from featurize.errors import CacheError
+    from featurize.importers.embeddings import import_embeddings
+    from featurize.table import read_table
+
+    pd.DataFrame({"ID": ["a", "b"], "path": ["x.png", "y.png"], "g": [1.0, 2.0]}).to_csv(tmp_path / "t.csv", index=False)
+    with h5py.File(tmp_path / "e.h5", "w") as fh:
+        fh["features"] = np.ones((2, 3), np.float32)
+        fh["barcodes"] = np.array([b"a", b"b"])
+    import_embeddings(tmp_path / "e.h5", read_table(tmp_path / "t.csv", check_files=False), "ext", tmp_path / "c")
+    pd.DataFrame({"ID": ["a", "b", "z"], "path": ["x.png", "y.png", "z.png"], "g": [1.0, 2.0, 3.0]}).to_csv(
+        tmp_path / "t.csv", index=False)
+    with pytest.raises(CacheError, match="import-embeddings"):
+        load_features(read_table(tmp_path / "t.csv", check_files=False), "ext", tmp_path / "c")
+
+
+def test_predict_refuses_a_precision_mismatch_before_embedding(world, tmp_path, monkeypatch):
+    root, train, test, cache = world
+    runs = tmp_path / "runs"
+    assert fit(world, runs) == 0
+    folder = runs / "train-timm_test_vit-ridge"
+    info = json.loads((folder / "run.json").read_text())
+    info["backbones"][0]["key"]["compute"] = "bfloat16"  # as if the training caches came from a GPU
+    (folder / "run.json").write_text(json.dumps(info))
+    import featurize.extract
+
+    monkeypatch.setattr(featurize.extract, "embed", lambda *a, **k: pytest.fail("embedded before refusing"))
+    from featurize.errors import CacheError
+    from regress.predict import predict_table
+
+    with pytest.raises(CacheError, match="bfloat16.*float32"):
+        predict_table(folder, test, cache_dir=tmp_path / "tc", device="cpu")
+
+
+def test_every_flag_of_every_command_has_help():
+    parser = cli.build_parser()
+
+    def walk(p, path):
+        for a in p._actions:
+            if a.dest == "help":
+                continue
+            if isinstance(a.choices, dict) and hasattr(next(iter(a.choices.values()), None), "_actions"):
+                for name, sub in a.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            else:
+                yield path, a
+
+    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in walk(parser, "cli") if not a.help]
+    assert missing == []
