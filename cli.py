@@ -145,6 +145,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _pairs_arg(values: list[str] | None, flag: str, form: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        k, sep, val = v.partition("=")
+        if not sep or not k or not val:
+            raise HexpressError(f"{flag} {v!r}: write {form}.")
+        out[k] = val
+    return out
+
+
 def _genes_arg(value: str) -> int | None:
     if value == "all":
         return None
@@ -165,19 +175,27 @@ def cmd_tiles(args) -> int:
         except OSError as exc:
             raise HexpressError(f"--gene-list {args.gene_list}: cannot be read ({exc.strerror}).") from exc
     n_genes = _genes_arg(args.genes)
+    gene_names = None
+    if args.gene_names:
+        from featurize.importers.common import read_gene_names
+
+        gene_names = read_gene_names(args.gene_names)
     common = dict(out_px=args.out_px, normalize_mode=args.normalize, n_genes=n_genes, gene_list=gene_list,
-                  min_spots=args.min_spots, name=args.name)
+                  min_spots=args.min_spots, name=args.name, gene_names=gene_names)
+    patients = _pairs_arg(args.patient, "--patient", "SECTION=PATIENT")
+    if patients and args.format != "st":
+        raise HexpressError(f"tiles {args.format}: --patient applies to st only (h5ad: --library; visium: one section).")
     tile_um = None if args.tile_px else args.tile_um
-    if args.format != "visium":
-        for flag, value in (("--bin-size", args.bin_size), ("--feature-types", args.feature_types),
-                            ("--image", args.image), ("--image-res", args.image_res)):
-            if value:
-                raise HexpressError(f"tiles {args.format}: {flag} applies to visium only; drop it.")
+    only = {"--bin-size": ("visium",), "--feature-types": ("visium",), "--image-res": ("visium",),
+            "--image": ("visium", "h5ad"), "--library": ("h5ad",)}
+    for flag, formats in only.items():
+        if getattr(args, flag[2:].replace("-", "_")) and args.format not in formats:
+            raise HexpressError(f"tiles {args.format}: {flag} applies to {' and '.join(formats)} only; drop it.")
     if args.format == "st":
         from featurize.importers.st import import_st
 
         out = import_st(args.source, args.out, sections=args.section, tile_um=tile_um or 100.0,
-                        tile_px=args.tile_px, **common)
+                        tile_px=args.tile_px, patients=patients, **common)
     elif args.format == "visium":
         from featurize.importers.visium import GENE_EXPRESSION, import_visium
 
@@ -187,6 +205,13 @@ def cmd_tiles(args) -> int:
         out = import_visium([args.source], args.out, images=args.image, image_res=args.image_res, tile_um=tile_um,
                             tile_px=args.tile_px, bin_size_um=args.bin_size,
                             feature_types=None if types == ["all"] else types, **common)
+    elif args.format == "h5ad":
+        from featurize.importers.h5ad import import_h5ad
+
+        if args.section:
+            raise HexpressError("tiles h5ad: --section does not apply (choose a library with --library); drop it.")
+        out = import_h5ad([args.source], args.out, images=args.image, library=args.library, tile_um=tile_um,
+                          tile_px=args.tile_px, **common)
     else:
         from featurize.importers.hest import import_hest
 
@@ -239,11 +264,38 @@ def cmd_stack(args) -> int:
 def cmd_predict(args) -> int:
     from regress.predict import predict_table, write_submission
 
-    if Path(args.out).suffix.lower() != ".csv":
-        raise HexpressError(f"--out {args.out}: predict writes a CSV; name the file *.csv.")
+    kind = Path(args.out).suffix.lower()
+    if kind not in (".csv", ".h5ad"):
+        raise HexpressError(f"--out {args.out}: predict writes a submission CSV (*.csv) or AnnData (*.h5ad).")
+    if kind == ".h5ad" and args.template:
+        raise HexpressError("--template orders a submission CSV; it does not apply to --out *.h5ad.")
     df = predict_table(args.run, args.data, cache_dir=args.cache_dir, template=args.template, device=args.device,
                        batch_size=args.batch_size, trust_pickle=args.trust_pickle)
-    print(write_submission(df, args.out))
+    if kind == ".csv":
+        print(write_submission(df, args.out))
+        return 0
+    from featurize.table import read_table
+    from regress.runs import open_result
+    from regress.spatial import write_h5ad
+
+    res = open_result(args.run)
+    test = read_table(args.data, check_files=False)
+    genes = [c for c in df.columns if c != "ID"]
+    prov = {"run": str(Path(args.run).resolve()), "kind": res.kind, "table": str(test.source),
+            "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256")}
+                          for b in res.info.get("backbones", [])], "random_init": bool(res.info.get("random_init"))}
+    print(write_h5ad(args.out, df["ID"].tolist(), genes, df[genes].to_numpy(), xy=test.xy,
+                     symbols=res.info.get("gene_names"), slide=test.name, provenance=prov))
+    return 0
+
+
+def cmd_predict_slide(args) -> int:
+    from regress.slides import predict_slide
+
+    print(predict_slide(args.run, args.slide, args.out, mpp=args.mpp, tile_um=args.tile_um, force=args.force,
+                        work_dir=args.work_dir, cache_dir=args.cache_dir, device=args.device,
+                        batch_size=args.batch_size, min_tissue=args.min_tissue, genes=args.gene or (),
+                        trust_pickle=args.trust_pickle, progress=not args.quiet))
     return 0
 
 
@@ -299,13 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("tiles", help="import spatial data (ST / Visium / HEST) into a tile table with cut tiles",
                         description="Cut a tile around every spot, normalise expression and write <out>/<name>.csv, "
                                     "tiles/ and a JSON sidecar reporting dropped spots, padding and genes.")
-    sp.add_argument("format", choices=("st", "visium", "hest"), help="st: her2st-style folder (counts/, spots/, images/); "
-                    "visium: Space Ranger outs folder; hest: HEST-1k folder (patches/, st/)")
-    sp.add_argument("source", help="the data folder")
+    sp.add_argument("format", choices=("st", "visium", "hest", "h5ad"), help="st: her2st-style folder (counts/, spots/, "
+                    "images/) or a sample sheet CSV (sample, counts, spots, image[, patient]); visium: Space Ranger outs "
+                    "folder; hest: HEST-1k folder (patches/, st/); h5ad: a scanpy/squidpy AnnData file with obsm['spatial']")
+    sp.add_argument("source", help="the data folder (st: or a sample sheet CSV; h5ad: the .h5ad file)")
+    sp.add_argument("--library", help="h5ad: the uns['spatial'] library to read (needed when it holds several)")
     sp.add_argument("--out", required=True, help="output folder for the table and tiles")
     sp.add_argument("--name", default="tiles", help="table name (default: %(default)s)")
     sp.add_argument("--section", action="append", help="section/sample to import (repeatable; default all for st)")
-    sp.add_argument("--image", action="append", help="visium: full-resolution image (one per folder)")
+    sp.add_argument("--image", action="append", help="visium / h5ad: the full-resolution image (default: cut from the "
+                    "stored hires/lowres image at its scale factor)")
     sp.add_argument("--image-res", choices=("lowres", "hires"), help="visium without a full-resolution image")
     sp.add_argument("--tile-um", type=float, default=None,
                     help="tile side in micrometres (default: the spot: 100 st, 55 visium, the bin for visium HD)")
@@ -316,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--genes", default="250", help="N (> 0) most variable genes, or 'all' (default: %(default)s)")
     sp.add_argument("--gene-list", help="file with gene symbols to keep (overrides --genes)")
     sp.add_argument("--min-spots", type=float, default=0.1, help="drop genes detected in fewer than this fraction of spots")
+    sp.add_argument("--patient", action="append", metavar="SECTION=PATIENT",
+                    help="st: which patient a section belongs to (repeatable; the CV groups); default: the sample "
+                         "sheet's patient column, the letter of her2st-style names (B4 -> B), else the section itself")
+    sp.add_argument("--gene-names", metavar="FILE",
+                    help="gene ID -> symbol map (10x features.tsv[.gz] or a two-column CSV/TSV): symbols in reports "
+                         "and outputs, IDs kept as the table's columns")
     sp.add_argument("--bin-size", type=float, default=None, metavar="UM",
                     help="visium HD: the bin to read (binned_outputs/square_NNNum, e.g. 8); pixel size from microns_per_pixel")
     sp.add_argument("--feature-types", action="append", default=None, metavar="TYPE",
@@ -427,13 +488,39 @@ def build_parser() -> argparse.ArgumentParser:
                                     "apply the stack, and write ID + genes (training order or --template order).")
     sp.add_argument("run", metavar="RUN", help="run or stack folder")
     common_data(sp)
-    sp.add_argument("--out", required=True, help="submission CSV to write")
+    sp.add_argument("--out", required=True, help="output: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
+                                                 "obsm['spatial'])")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
     sp.add_argument("--device", default="auto", help="auto, cpu or cuda, for embedding missing test tiles (default: %(default)s)")
     sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
     sp.add_argument("--trust-pickle", action="store_true",
                     help="allow loading a plug-in head stored with pickle (runs code from the run folder: only for folders you trust)")
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("predict-slide", help="expression maps for a whole H&E slide never sequenced (AnnData out)",
+                        description="Find the tissue on a thumbnail, cut it into a grid of tiles at the physical size "
+                                    "the run was trained on, embed them through the normal caches, predict with the run "
+                                    "or stack, and write AnnData that scanpy/squidpy plot like Visium. Pyramidal TIFF/SVS "
+                                    "are read region by region (tiffslide, or openslide when installed); JPEG/PNG with "
+                                    "Pillow.")
+    sp.add_argument("run", metavar="RUN", help="run or stack folder")
+    sp.add_argument("slide", metavar="SLIDE", help="the slide image (.svs, pyramidal .tif, .ndpi, .jpg, .png ...)")
+    sp.add_argument("--out", required=True, help="AnnData file to write (*.h5ad)")
+    sp.add_argument("--mpp", type=float, default=None,
+                    help="micrometres per pixel at full resolution (required when the file does not record it: JPEG, PNG)")
+    sp.add_argument("--tile-um", type=float, default=None,
+                    help="tile side in micrometres (default: the training tiles' size, recorded in the run)")
+    sp.add_argument("--force", action="store_true", help="allow a --tile-um more than 10%% off the training tiles' size")
+    sp.add_argument("--min-tissue", type=float, default=0.5, help="keep tiles at least this fraction tissue (default: %(default)s)")
+    sp.add_argument("--gene", action="append", help="also draw this gene's predicted map over the H&E as PNG (repeatable; ID or symbol)")
+    sp.add_argument("--work-dir", default=None, help="where the slide's tiles and tile table go (default: <out>_tiles)")
+    sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
+    sp.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
+    sp.add_argument("--trust-pickle", action="store_true",
+                    help="allow loading a plug-in head stored with pickle (runs code from the run folder)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_predict_slide)
 
     sp = sub.add_parser("report", help="Markdown report with histogram, best/worst genes and a spatial map",
                         description="Write <run>/report/report.md with PNGs.")

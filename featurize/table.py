@@ -25,7 +25,7 @@ import pandas as pd
 from featurize.errors import TableError
 
 #: Columns never treated as genes.
-META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode")
+META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode", "grid_row", "grid_col")
 #: Grouping columns looked for, in this order, when none is named.
 GROUP_CANDIDATES = ("patient", "slide", "section", "group")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from featurize import __version__
 from featurize.errors import UsageError
+from featurize.importers.common import read_sidecar, slide_images_of, tile_um_of
 from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
 from regress.heads import is_plugin, make_head
 from regress.metrics import evaluate, evaluate_by_fold
@@ -46,6 +47,12 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     """
     td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context)
     groups = td.groups if use_groups else None
+    if groups is not None and len(np.unique(groups)) < 2:
+        alt = [f"--groups slide ({len(np.unique(td.slides))} slides)"] if td.slides is not None and \
+            len(np.unique(td.slides)) > 1 and td.table.group_col != "slide" else []
+        raise UsageError(f"{td.table.source}: column '{td.table.group_col}' has one value ({groups[0]!r}), but "
+                         f"grouped CV needs at least 2; use {', '.join(alt + ['--groups none (plain K-fold)'])}, "
+                         "or re-import with --patient SECTION=PATIENT.")
     est = make_head(head, device, seed, head_params)  # parameters checked before any work
     splits = make_splits(len(td.ids), folds, groups, seed)
     fold_of = np.zeros(len(td.ids), dtype=np.int32)
@@ -82,6 +89,8 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     oof = np.asarray(oof, dtype=np.float64).reshape(td.Y.shape)
     metrics = evaluate(td.Y, oof, td.table.genes)
     metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
+    sidecar = read_sidecar(td.table.source)
+    symbols = (sidecar or {}).get("gene_names", {})
     info = {
         "format": RUN_FORMAT,
         "tool_version": __version__,
@@ -97,6 +106,9 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "context": context,
         "folds": {"n": len(splits), "seed": seed, "grouped": groups is not None},
         "genes": td.table.genes,
+        "gene_names": [symbols.get(g, g) for g in td.table.genes],
+        "tile_um": tile_um_of(sidecar),
+        "slide_images": slide_images_of(sidecar),
         "cv_seconds": cv_seconds,
         "refit_seconds": refit_seconds,
         "summary": {k: metrics[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold", "pcc_gene_median",

@@ -45,6 +45,8 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
     fig.savefig(out / "pcc_hist.png", dpi=110)
     plt.close(fig)
     order = np.argsort(-np.nan_to_num(r, nan=-2))
+    symbol = dict(zip(info.get("genes", genes), info.get("gene_names", info.get("genes", genes))))
+    label = lambda g: g if symbol.get(g, g) == g else f"{symbol[g]} ({g})"  # noqa: E731
     best = [(genes[i], r[i]) for i in order[:10]]
     worst = [(genes[i], r[i]) for i in order[::-1] if np.isfinite(r[i])][:10]
     random_init = info.get("random_init") or any(b.get("random_init") for b in info.get("backbones", []))
@@ -60,10 +62,11 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
               f"backbones: {', '.join(b['backbone'] for b in info.get('backbones', [])) or 'see runs'}", "",
               "![per-gene PCC](pcc_hist.png)", "", "| best genes | r | worst genes | r |", "|---|---|---|---|"]
     for (bg, br), (wg, wr) in zip(best, worst):
-        lines.append(f"| {bg} | {br:.3f} | {wg} | {wr:.3f} |")
+        lines.append(f"| {label(bg)} | {br:.3f} | {label(wg)} | {wr:.3f} |")
     if metrics.get("constant_genes"):
         lines += ["", f"{len(metrics['constant_genes'])} constant genes have no PCC: {', '.join(metrics['constant_genes'][:10])}"]
-    spatial = _spatial_map(data, gene or best[0][0], slide, out, plt)
+    spatial = _spatial_map(data, gene or best[0][0], slide, out, plt, info.get("slide_images") or {},
+                           label(gene or best[0][0]))
     if spatial:
         lines += ["", f"![measured vs predicted]({spatial.name})"]
     md = out / "report.md"
@@ -71,8 +74,30 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
     return md
 
 
-def _spatial_map(data: RunData, gene: str, slide: str | None, out: Path, plt) -> Path | None:
-    """Measured vs out-of-fold predicted expression of ``gene`` at the tiles' positions, from the run's own data."""
+def _background(images: dict, slide: str, max_side: int = 1600):
+    """(thumbnail RGB array, thumbnail pixels per full-resolution pixel) of the slide's H&E, or (None, 1)."""
+    from PIL import Image
+
+    from featurize.images import large_images_allowed, to_rgb
+
+    meta = images.get(slide)
+    if not meta or not Path(meta["path"]).is_file():
+        return None, 1.0
+    try:
+        with large_images_allowed(), Image.open(meta["path"]) as im:
+            full_w = im.size[0]
+            im.draft("RGB", (max_side, max_side))  # JPEG: decode at a fraction of the size
+            im = to_rgb(im)
+            im.thumbnail((max_side, max_side))
+            return np.asarray(im), im.size[0] / full_w * float(meta.get("scale", 1.0))
+    except OSError:
+        return None, 1.0
+
+
+def _spatial_map(data: RunData, gene: str, slide: str | None, out: Path, plt, images: dict | None = None,
+                 title: str | None = None) -> Path | None:
+    """Measured vs out-of-fold predicted expression of ``gene`` at the tiles' positions, from the run's own data,
+    drawn over the slide's H&E when the run knows its image."""
     if data.xy is None:
         return None
     slides = data.slides if data.slides is not None else np.zeros(len(data.ids), dtype=str)
@@ -81,11 +106,20 @@ def _spatial_map(data: RunData, gene: str, slide: str | None, out: Path, plt) ->
     j = data.genes.index(gene)
     xy = data.xy[m]
     meas, pred = data.y[m, j], data.oof[m, j]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
-    for ax, v, title in zip(axes, (meas, pred), ("measured", "predicted (out-of-fold)")):
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="viridis")
-        ax.set_title(f"{gene}, {title}", fontsize=9)
-        ax.invert_yaxis()
+    bg, f = _background(images or {}, str(pick))
+    pts = xy * f
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, v, what in zip(axes, (meas, pred), ("measured", "predicted (out-of-fold)")):
+        if bg is not None:
+            ax.imshow(bg)
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=v, s=18, cmap="viridis", alpha=0.85 if bg is not None else 1.0)
+        ax.set_title(f"{title or gene}, {what}", fontsize=9)
+        if bg is None:
+            ax.invert_yaxis()
+        else:  # the spots' region of the slide, not the whole glass
+            pad = 0.06 * float(np.ptp(pts, axis=0).max() or 1.0)
+            ax.set_xlim(pts[:, 0].min() - pad, pts[:, 0].max() + pad)
+            ax.set_ylim(pts[:, 1].max() + pad, pts[:, 1].min() - pad)
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -60,18 +60,23 @@ def tile_size_px(tile_um: float | None, tile_px: float | None, pixels_per_um: fl
 
 
 def match_spots(slide: str, spot_keys: Sequence[str], count_keys: Sequence[str], spot_file: Path,
-                count_file: Path, spot_side_must_match: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Keys present in both files (spot-file order); refuses when under half of either matches.
+                count_file: Path, require: str = "both") -> tuple[list[str], dict[str, Any]]:
+    """Keys present in both files (spot-file order), with what was left out of each.
 
-    ``spot_side_must_match=False`` checks the count side only (Visium position
-    files list every spot of the capture area, not only those with counts).
+    ``require`` says whose keys must mostly match (refused under half):
+    ``"spots"`` (ST: the spot file lists the spots under tissue, the count
+    matrix may list the whole array), ``"counts"`` (Visium: the positions list
+    every spot of the capture area, the matrix only those under tissue) or
+    ``"both"``.  Keys present on one side only are counted in the report.
     """
     spots, counts = list(map(str, spot_keys)), list(map(str, count_keys))
     cset, sset = set(counts), set(spots)
     matched = [k for k in spots if k in cset]
     only_spots = [k for k in spots if k not in cset]
     only_counts = [k for k in counts if k not in sset]
-    if (spot_side_must_match and len(matched) < 0.5 * len(spots)) or len(matched) < 0.5 * len(counts):
+    short_spots = require in ("spots", "both") and len(matched) < 0.5 * len(spots)
+    short_counts = require in ("counts", "both") and len(matched) < 0.5 * len(counts)
+    if short_spots or short_counts or not matched:
         raise ImportDataError(
             f"{spot_file} and {count_file}: only {len(matched)} of {len(spots)} spots and {len(counts)} count rows "
             f"share a key (e.g. spot '{spots[0] if spots else '-'}' vs count row '{counts[0] if counts else '-'}'); "
@@ -125,6 +130,63 @@ def select_genes(slides: list[Slide], normalized: list[np.ndarray], genes: list[
     return [int(i) for i in idx], report
 
 
+def read_sidecar(table_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The importer's sidecar beside a tile table (``<name>.json``), or None for tables made elsewhere."""
+    side = Path(table_path).with_suffix(".json")
+    try:
+        doc = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("table") == Path(table_path).name else None
+
+
+def slide_images_of(sidecar: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per slide, the image its tiles were cut from and its scale (image pixels per full-resolution pixel)."""
+    out = {}
+    for name, rep in ((sidecar or {}).get("slides") or {}).items():
+        if rep.get("image"):
+            out[name] = {"path": rep["image"], "scale": float(rep.get("image_scale", 1.0))}
+    return out
+
+
+def tile_um_of(sidecar: dict[str, Any] | None) -> float | None:
+    """The tiles' physical side (um) an importer recorded: the median over slides, or None."""
+    if not sidecar:
+        return None
+    vals = [s.get("tile_um") for s in sidecar.get("slides", {}).values() if s.get("tile_um")]
+    return float(np.median(vals)) if vals else None
+
+
+def read_gene_names(path: str | Path) -> dict[str, str]:
+    """Gene ID -> symbol from a 10x ``features.tsv[.gz]`` (id, name, type; no header) or any two-column
+    CSV/TSV map (a header row is recognised by not looking like an ID)."""
+    path = Path(path)
+    try:
+        sep = "," if path.suffix.lower() == ".csv" else "\t"
+        df = pd.read_csv(path, sep=sep, header=None, dtype=str, comment="#")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ImportDataError(f"--gene-names {path}: cannot be read ({exc}).") from exc
+    if df.shape[1] < 2:
+        raise ImportDataError(f"--gene-names {path}: needs two columns, gene ID then symbol (found {df.shape[1]}).")
+    first = str(df.iat[0, 0]).lower()
+    if first in ("id", "gene_id", "gene_ids", "ensembl", "ensembl_id", "feature_id", "gene"):
+        df = df.iloc[1:]
+    return {str(i): str(n) for i, n in zip(df[0], df[1]) if isinstance(n, str) and n}
+
+
+def symbols_for(genes: Sequence[str], names: dict[str, str] | None) -> dict[str, str]:
+    """Symbol per gene column found in ``names`` (exact ID, or the ID without its ``.version``)."""
+    if not names:
+        return {}
+    bare = {k.split(".")[0]: v for k, v in names.items()}
+    out = {}
+    for g in genes:
+        hit = names.get(g) or bare.get(str(g).split(".")[0])
+        if hit:
+            out[g] = hit
+    return out
+
+
 def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]:
     """Cut a ``tile_px`` square around every centre, pad with white at borders, resize to ``out_px``.
 
@@ -172,7 +234,8 @@ def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]
 
 def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, out_px: int = 224,
                 normalize_mode: str = "lognorm", n_genes: int | None = None, gene_list: Sequence[str] | None = None,
-                min_spots: float = 0.1, extra: dict[str, Any] | None = None) -> Path:
+                min_spots: float = 0.1, extra: dict[str, Any] | None = None,
+                gene_names: dict[str, str] | None = None) -> Path:
     """Normalise, select genes, cut tiles and write the table + sidecar atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +256,9 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
             paths, padded = cut_tiles(s, out_dir, out_px)
         s.report["tiles_padded_at_border"] = padded
         s.report["tile_px"] = s.tile_px
+        if s.image is not None:
+            s.report["image"] = str(Path(s.image).resolve())
+            s.report["image_scale"] = s.image_scale
         if s.pixels_per_um:
             s.report["tile_um"] = s.tile_px / s.image_scale / s.pixels_per_um if s.tile_px else None
         meta = pd.DataFrame({"ID": [f"{s.name}_{k}" for k in s.keys], "path": paths, "slide": s.name,
@@ -200,8 +266,11 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
                              "x": s.centers[:, 0], "y": s.centers[:, 1]})
         frames.append(pd.concat([meta, pd.DataFrame(norm[:, cols].astype(np.float32), columns=genes)], axis=1))
     table = pd.concat(frames, ignore_index=True)
+    symbols = symbols_for(genes, gene_names)
+    if gene_names is not None:
+        gene_report["symbols_found"] = len(symbols)
     sidecar = {"table": f"{name}.csv", "coordinates": COORDINATES, "normalize": normalize_mode, "out_px": out_px,
-               "genes": gene_report,
+               "genes": gene_report, "gene_names": symbols,
                "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
     sidecar.update(extra or {})
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))

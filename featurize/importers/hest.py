@@ -90,9 +90,10 @@ def read_hest_sample(root: str | Path, sample: str, out_dir: Path, min_spots: fl
 
 def import_hest(root: str | Path, samples: Sequence[str], out_dir: str | Path, *, name: str = "hest",
                 out_px: int = 224, normalize_mode: str = "lognorm", n_genes: int | None = None, gene_list=None,
-                min_spots: float = 0.1) -> Path:
+                min_spots: float = 0.1, gene_names: dict[str, str] | None = None) -> Path:
     """Import HEST samples (patches already cut by HEST) into one tile table."""
     out_dir = Path(out_dir)
     slides = [read_hest_sample(root, s, out_dir) for s in samples]
     return build_table(slides, out_dir, name, out_px=out_px, normalize_mode=normalize_mode, n_genes=n_genes,
-                       gene_list=gene_list, min_spots=min_spots, extra={"format": "hest", "source": str(root)})
+                       gene_list=gene_list, min_spots=min_spots, gene_names=gene_names,
+                       extra={"format": "hest", "source": str(root)})

@@ -212,7 +212,7 @@ def read_visium_slide(folder: str | Path, name: str | None = None, image: str | 
     except (OSError, json.JSONDecodeError) as exc:
         raise ImportDataError(f"{sf_path}: missing or not JSON ({exc}).") from exc
     pos = pos_all[pos_all["in_tissue"] == 1]
-    keys, match = match_spots(name, pos.index, counts.index, pos_file, matrix, spot_side_must_match=False)
+    keys, match = match_spots(name, pos.index, counts.index, pos_file, matrix, require="counts")
     report.update(match)
     hd = bin_size_um is not None or "bin_size_um" in sf
     if hd and sf.get("microns_per_pixel"):
@@ -249,7 +249,8 @@ def import_visium(folders, out_dir, *, images=None, image_res: str | None = None
                   tile_um: float | None = None, tile_px: float | None = None, out_px: int = 224,
                   normalize_mode: str = "lognorm", n_genes: int | None = None, gene_list=None,
                   min_spots: float = 0.1, bin_size_um: float | None = None,
-                  feature_types: Sequence[str] | None = (GENE_EXPRESSION,)) -> Path:
+                  feature_types: Sequence[str] | None = (GENE_EXPRESSION,),
+                  gene_names: dict[str, str] | None = None) -> Path:
     """Import one or more Space Ranger folders into one tile table (genes intersected).
 
     Tile side: ``tile_um`` (default: the 55 um capture spot, or the bin size
@@ -265,6 +266,6 @@ def import_visium(folders, out_dir, *, images=None, image_res: str | None = None
     slides = [read_visium_slide(f, image=i, image_res=image_res, tile_um=tile_um, tile_px=tile_px,
                                 bin_size_um=bin_size_um, feature_types=feature_types) for f, i in zip(folders, images)]
     return build_table(slides, out_dir, name, out_px=out_px, normalize_mode=normalize_mode, n_genes=n_genes,
-                       gene_list=gene_list, min_spots=min_spots,
+                       gene_list=gene_list, min_spots=min_spots, gene_names=gene_names,
                        extra={"format": "visium-hd" if bin_size_um else "visium", "sources": [str(f) for f in folders],
                               "tile_um": tile_um if tile_px is None else None})

@@ -1,0 +1,103 @@
+"""``predict-slide``: expression maps for whole H&E slides that were never sequenced.
+
+Tissue is found on a thumbnail and cut into a grid of tiles at the physical
+size the run was trained on (:mod:`featurize.wsi`); the tiles go through the
+normal cache path (a second head on the same slide costs no network time)
+and the run or stack predicts them; the result is an AnnData file that
+scanpy and squidpy plot as they plot Visium (:mod:`regress.spatial`), plus
+optional PNG maps of chosen genes over the H&E.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from featurize import __version__
+from featurize.errors import UsageError
+from regress.runs import Run, open_result
+
+#: Tiles more than this far from the training tiles' physical size are refused unless forced.
+TILE_SIZE_TOLERANCE = 0.10
+
+
+def trained_tile_um(res: Run) -> float | None:
+    """The tiles' physical size (um) the run (or a stack's first run) was trained on, if recorded."""
+    if res.info.get("tile_um"):
+        return float(res.info["tile_um"])
+    if res.kind == "stack":
+        from regress.runs import load_run
+
+        for p in res.info.get("runs", []):
+            try:
+                v = load_run(p).info.get("tile_um")
+            except Exception:  # noqa: BLE001 - a moved run simply does not tell
+                v = None
+            if v:
+                return float(v)
+    return None
+
+
+def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | os.PathLike, *, mpp: float | None = None,
+                  tile_um: float | None = None, force: bool = False, work_dir: str | os.PathLike | None = None,
+                  cache_dir: str | os.PathLike = "cache", device: str = "auto", batch_size: int = 64,
+                  min_tissue: float = 0.5, genes: Sequence[str] = (), trust_pickle: bool = False,
+                  progress: bool = True, log=print) -> Path:
+    """Predict every tissue tile of ``slide`` with ``run`` and write ``out`` (.h5ad); returns its path."""
+    from featurize.table import read_table
+    from featurize.wsi import cut_slide, open_slide
+    from regress.predict import predict_table
+    from regress.spatial import draw_gene_maps, write_h5ad
+
+    out = Path(out)
+    if out.suffix != ".h5ad":
+        raise UsageError(f"--out {out}: predict-slide writes AnnData; name the file *.h5ad.")
+    res = open_result(run)
+    known = set(res.genes) | set(res.info.get("gene_names") or [])
+    unknown = [g for g in genes if g not in known]
+    if unknown:
+        raise UsageError(f"--gene {unknown[0]}: not among the run's {len(res.genes)} genes (IDs or symbols).")
+    trained = trained_tile_um(res)
+    if tile_um is None:
+        if trained is None:
+            raise UsageError(f"{run}: the run does not record its tiles' physical size (its table was not made by "
+                             "`tiles`); pass --tile-um.")
+        tile_um = trained
+    elif trained is not None and abs(tile_um / trained - 1.0) > TILE_SIZE_TOLERANCE and not force:
+        raise UsageError(f"--tile-um {tile_um:g}: the run was trained on {trained:g} um tiles; predictions on tiles of "
+                         "another physical size are not what it learned (pass --force to do it anyway).")
+    if tile_um <= 0:
+        raise UsageError(f"--tile-um {tile_um}: must be positive.")
+    img = open_slide(slide, mpp)
+    try:
+        name = Path(slide).stem
+        work = Path(work_dir) if work_dir else out.with_name(f"{out.stem}_tiles")
+        t0 = time.perf_counter()
+        table, cut = cut_slide(img, work, tile_um=tile_um, min_tissue=min_tissue, name=name, progress=progress)
+        log(f"[predict-slide] {cut['n_tiles']} tiles of {tile_um:g} um ({cut['tile_px_level0']:.0f} px at "
+            f"{img.mpp:g} um/px from {img.mpp_source}) in {time.perf_counter() - t0:.1f}s: {table}")
+        df = predict_table(run, table, cache_dir=cache_dir, device=device, batch_size=batch_size,
+                           trust_pickle=trust_pickle, log=log)
+        thumb, scale = img.thumbnail(2000)
+    finally:
+        img.close()
+    t = read_table(table, check_files=False)
+    gene_cols = [c for c in df.columns if c != "ID"]
+    symbols = res.info.get("gene_names") or gene_cols
+    import pandas as pd
+
+    grid = pd.read_csv(table, usecols=["grid_row", "grid_col"]).to_numpy()
+    prov = {"run": str(Path(run).resolve()), "kind": res.kind, "slide_path": str(Path(slide).resolve()),
+            "tile_um": tile_um, "trained_tile_um": trained, "mpp": img.mpp, "mpp_source": img.mpp_source,
+            "n_tiles": len(t), "hexpress_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256"),
+                           "random_init": b.get("random_init")} for b in res.info.get("backbones", [])],
+            "random_init": bool(res.info.get("random_init"))}
+    X = df[gene_cols].to_numpy()
+    path = write_h5ad(out, df["ID"].tolist(), gene_cols, X, xy=t.xy, symbols=symbols, slide=name, image=thumb,
+                      image_scale=scale, spot_px=cut["tile_px_level0"], grid=grid, provenance=prov)
+    if genes:
+        draw_gene_maps(out.with_suffix(""), list(genes), X, t.xy, all_genes=gene_cols, symbols=symbols, image=thumb,
+                       image_scale=scale, tile_px=cut["tile_px_level0"], title=f"on {name}")
+    return path
