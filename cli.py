@@ -338,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bb_help = f"backbone name (repeatable): {', '.join(list_backbones())}, or timm:<model>"
 
+    def predict_args(sp):
+        sp.add_argument("--device", default="auto", help="auto, cpu or cuda, for embedding tiles not yet cached (default: %(default)s)")
+        sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
+        sp.add_argument("--trust-pickle", action="store_true", help="allow loading a plug-in head stored with pickle "
+                        "(runs code from the run folder: only for folders you trust)")
+
     sp = sub.add_parser("demo", help="end-to-end demo on real her2st tissue (or a labelled synthetic set offline)",
                         description="Import the her2st sections (../shared/data/her2st when present, else the user "
                                     "cache, else a clearly labelled synthetic set), embed them with real ImageNet "
@@ -491,10 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
                                                  "obsm['spatial'])")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
-    sp.add_argument("--device", default="auto", help="auto, cpu or cuda, for embedding missing test tiles (default: %(default)s)")
-    sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
-    sp.add_argument("--trust-pickle", action="store_true",
-                    help="allow loading a plug-in head stored with pickle (runs code from the run folder: only for folders you trust)")
+    predict_args(sp)
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("predict-slide", help="expression maps for a whole H&E slide never sequenced (AnnData out)",
@@ -515,10 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gene", action="append", help="also draw this gene's predicted map over the H&E as PNG (repeatable; ID or symbol)")
     sp.add_argument("--work-dir", default=None, help="where the slide's tiles and tile table go (default: <out>_tiles)")
     sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
-    sp.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch when embedding (default: %(default)s)")
-    sp.add_argument("--trust-pickle", action="store_true",
-                    help="allow loading a plug-in head stored with pickle (runs code from the run folder)")
+    predict_args(sp)
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_predict_slide)
 

@@ -1,6 +1,5 @@
 """Real slides in and out: ST layouts, AnnData in, whole-slide prediction and AnnData out."""
 import json
-import shutil
 import warnings
 
 import numpy as np
