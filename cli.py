@@ -59,15 +59,37 @@ def cmd_embed(args) -> int:
         args.data, args.backbone, weights=_weights_arg(args.weights, args.backbone), random_init=args.random_init,
         tta=args.tta, device=args.device, batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
         cache_dir=args.cache_dir, skip_bad=args.skip_bad, progress=not args.quiet, wait_s=args.wait,
+        shard=_shard_arg(args.shard),
     )
     for p in paths:
         print(p)
     return 0
 
 
+def _shard_arg(value: str | None):
+    if value is None:
+        return None
+    from featurize.shards import parse_shard
+
+    return parse_shard(value)
+
+
 def cmd_cache(args) -> int:
     from featurize.cache import list_caches, read_attrs, verify_cache
 
+    if args.cache_cmd == "merge":
+        import re
+
+        from featurize.shards import merge_shards
+
+        final = Path(re.sub(r"\.shard-\d+-of-\d+\.h5$", ".h5", str(args.file)))
+        table = None
+        if args.data:
+            from featurize.table import read_table
+
+            table = read_table(args.data, check_files=False)
+        print(merge_shards(final, table))
+        return 0
     if args.cache_cmd == "ls":
         rows = list_caches(args.cache_dir)
         if not rows:
@@ -429,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and list them next to the cache")
     sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another process holding the cache lock")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--shard", metavar="I/N", default=None,
+                    help="embed only shard I of N (contiguous rows on batch boundaries) into its own cache file; the "
+                         "process that completes the last shard merges them (or: cache merge)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cache", help="list, inspect and verify embedding caches", description="Inspect caches.")
@@ -440,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("verify", help="check a cache for completeness, fingerprint and finite values (exit 1 if not)")
     c.add_argument("file", help="a cache file (.h5)")
     c.add_argument("--deep", action="store_true", help="also re-hash every tile and report those changed or gone")
+    c = csub.add_parser("merge", help="merge the shard caches of embed --shard into the standard cache")
+    c.add_argument("file", help="any shard file (<name>.shard-I-of-N.h5) or the cache file to produce (<name>.h5)")
+    c.add_argument("--data", default=None, help="the tile table, to check that the shards were cut from it")
     sp.set_defaults(func=cmd_cache)
 
     def fit_args(sp):

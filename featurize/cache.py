@@ -125,11 +125,17 @@ class CacheWriter:
     whose ID and content are unchanged (they are copied), every other row.
     """
 
-    def __init__(self, final: Path, key: CacheKey, ids: np.ndarray, dim: int, paths: Sequence[str] | None = None,
-                 extra_attrs: dict[str, Any] | None = None):
+    def __init__(self, final: Path, key: CacheKey | None, ids: np.ndarray, dim: int, paths: Sequence[str] | None = None,
+                 extra_attrs: dict[str, Any] | None = None, attrs: dict[str, Any] | None = None):
+        """``key`` builds the attributes; or ``attrs`` gives them whole (merging shards of one key)."""
+        if (key is None) == (attrs is None):
+            raise CacheError("CacheWriter needs exactly one of a key and attributes.")
         self.final = Path(final)
         self.partial = partial_path(self.final)
         self.key = key
+        self._attrs = dict(attrs) if attrs is not None else None
+        self.fingerprint = key.fingerprint() if key is not None else str(attrs["fingerprint"])
+        self.dtype = key.dtype if key is not None else str(attrs["dtype"])
         self.ids = np.asarray(ids).astype(str)
         self.paths = [str(p) for p in paths] if paths is not None else [""] * len(self.ids)
         self.dim = int(dim)
@@ -149,7 +155,7 @@ class CacheWriter:
             except OSError:
                 fh = None
             try:
-                ok = fh is not None and (fh.attrs.get("fingerprint") == self.key.fingerprint()
+                ok = fh is not None and (fh.attrs.get("fingerprint") == self.fingerprint
                                          and fh["features"].shape == (len(self.ids), self.dim)
                                          and "done" in fh
                                          and np.array_equal(fh["ids"].asstr()[()], self.ids))
@@ -207,7 +213,7 @@ class CacheWriter:
 
     def _create(self) -> h5py.File:
         n = len(self.ids)
-        dtype = np.float16 if self.key.dtype == "float16" else np.float32
+        dtype = np.float16 if self.dtype == "float16" else np.float32
         try:
             # HDF5's own file lock is off: hexpress's lock (featurize.lock) already allows one writer, and an
             # HDF5 flock would be inherited by forked decode workers and outlive a killed embed
@@ -220,35 +226,40 @@ class CacheWriter:
                               chunks=(min(n, max(MIN_CHUNK_ROWS, 1)), self.dim))
             fh.create_dataset("valid", shape=(n,), dtype=bool, fillvalue=True)
             fh.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
-            spec, w = self.key.spec, self.key.weights
-            attrs = {
-                "hexpress_format": FORMAT_VERSION,
-                "fingerprint": self.key.fingerprint(),
-                "key_json": self.key.key_json(),
-                "backbone": spec.name,
-                "architecture": spec.architecture,
-                "table": self.key.table_name,
-                "table_fingerprint": "",
-                "random_init": bool(w.random_init),
-                "weights_sha256": w.sha256 or "",
-                "weights_source": w.source,
-                "weights_path": w.path or "",
-                "tta": int(self.key.tta),
-                "dtype": self.key.dtype,
-                "compute": self.key.compute,
-                "tool_version": __version__,
-                "versions": _versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "rows_done": 0,
-                "complete": False,
-                **self.extra_attrs,
-            }
-            for k, v in attrs.items():
+            for k, v in self._base_attrs().items():
                 fh.attrs[k] = v
             fh.flush()
         except OSError as exc:
             raise CacheError(f"{self.partial}: cannot create the cache file ({exc}); check free space and permissions.") from exc
         return fh
+
+    def _base_attrs(self) -> dict[str, Any]:
+        if self._attrs is not None:
+            return {**self._attrs, "rows_done": 0, "complete": False, "table_fingerprint": "",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.extra_attrs}
+        spec, w = self.key.spec, self.key.weights
+        return {
+            "hexpress_format": FORMAT_VERSION,
+            "fingerprint": self.key.fingerprint(),
+            "key_json": self.key.key_json(),
+            "backbone": spec.name,
+            "architecture": spec.architecture,
+            "table": self.key.table_name,
+            "table_fingerprint": "",
+            "random_init": bool(w.random_init),
+            "weights_sha256": w.sha256 or "",
+            "weights_source": w.source,
+            "weights_path": w.path or "",
+            "tta": int(self.key.tta),
+            "dtype": self.key.dtype,
+            "compute": self.key.compute,
+            "tool_version": __version__,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "rows_done": 0,
+            "complete": False,
+            **self.extra_attrs,
+        }
 
     # -- writing -----------------------------------------------------------
     def write(self, rows: np.ndarray, feats: np.ndarray, valid: np.ndarray | None = None,
@@ -267,7 +278,7 @@ class CacheWriter:
         bad = np.flatnonzero(ok & ~np.isfinite(stored).all(axis=1))
         if len(bad):
             first = ", ".join(self.ids[rows[bad[:3]]])
-            hint = (" (beyond float16's range: rerun embed with --dtype float32)" if self.key.dtype == "float16"
+            hint = (" (beyond float16's range: rerun embed with --dtype float32)" if self.dtype == "float16"
                     else "; the backbone produced NaN or inf for these tiles: check them, or --skip-bad them")
             raise CacheError(f"{self.partial}: {len(bad)} rows give non-finite features (first: {first}){hint}.")
         try:
@@ -506,6 +517,8 @@ def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
     folder = Path(cache_dir) / _safe(table.name)
     current, damaged, old = [], [], []
     for p in sorted(folder.glob(f"{_safe(backbone)}-*.h5")):
+        if ".shard-" in p.name:  # shards of embed --shard: merged into the standard cache, never read as one
+            continue
         try:
             attrs = read_attrs(p)
         except OldCacheFormat:

@@ -170,11 +170,14 @@ def embed(
     progress: bool = True,
     wait_s: float = 0.0,
     max_batches: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Embed every tile of ``data`` with each backbone; returns the cache paths.
 
     A complete cache with the same key serves every row whose ID and tile
-    content are unchanged; only the other rows are embedded.
+    content are unchanged; only the other rows are embedded.  ``shard=(I, N)``
+    embeds only shard I of N (:mod:`featurize.shards`) into its own cache
+    file, and merges the standard cache when it finishes the last one.
     ``max_batches`` stops early (testing interruption); the partial file is
     then left for the next run to resume.
     """
@@ -188,17 +191,30 @@ def embed(
         raise UsageError(f"--dtype must be float16 or float32, got {dtype}.")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
-    table = data if isinstance(data, TileTable) else read_table(data)
+    full = data if isinstance(data, TileTable) else read_table(data)
     dev = resolve_device(device)
     weights = weights or {}
+    shard_attrs = {}
+    table = full
+    if shard is not None:
+        from featurize.shards import shard_path, shard_rows
+
+        index, count = shard
+        if not 0 <= index < count:
+            raise UsageError(f"--shard {index}/{count}: need 0 <= I < N.")
+        start, stop = shard_rows(len(full), batch_size, index, count)
+        table = full.rows(start, stop)
+        shard_attrs = {"shard_index": index, "shard_count": count, "shard_start": start, "shard_stop": stop,
+                       "table_rows": len(full), "table_row_fingerprint": full.fingerprint(), "batch_size": batch_size}
     paths = [str(p) for p in table.paths]
 
     jobs: list[_Job] = []
     for name in dict.fromkeys(backbones):
         spec = get_spec(name)
         w = resolve_weights(spec, weights.get(name), random_init)
-        key = CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec))
-        jobs.append(_Job(spec, w, key, cache_path(cache_dir, key)))
+        key = CacheKey(full.name, spec, w, tta, dtype, compute_dtype(dev, spec))
+        final = cache_path(cache_dir, key)
+        jobs.append(_Job(spec, w, key, shard_path(final, *shard) if shard is not None else final))
 
     with ExitStack() as stack:
         todo: list[_Job] = []
@@ -224,12 +240,20 @@ def embed(
                     previous[job.spec.name] = job.final
                 else:
                     job.final.unlink()
+            elif shard is not None:  # a shard reuses the rows of an existing standard cache
+                whole = cache_path(cache_dir, job.key)
+                try:
+                    if whole.exists() and read_attrs(whole).get("complete"):
+                        previous[job.spec.name] = whole
+                except CacheError:
+                    pass
             todo.append(job)
         if not todo:
             return [j.final for j in jobs]
         for job in todo:
             job.model = create_backbone(job.spec, job.weights).to(dev)
-            job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim, paths=paths)
+            job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim, paths=paths,
+                                     extra_attrs=shard_attrs)
             stack.callback(job.writer.close)
             resumed = job.writer.partial.exists()
             job.todo = job.writer.open(previous[job.spec.name])
@@ -295,4 +319,25 @@ def embed(
             print(f"[embed] skipped {len(skipped)} unreadable tiles (--skip-bad); list next to each cache (*.skipped.txt).", file=sys.stderr)
         for job in todo:
             job.writer.finalize()
+    if shard is not None:
+        return [_merge_if_last(cache_path(cache_dir, j.key), full, wait_s) or j.final for j in jobs]
     return [j.final for j in jobs]
+
+
+def _merge_if_last(final: Path, table: TileTable, wait_s: float) -> Path | None:
+    """Merge the standard cache when every shard is complete (under its lock); None when not yet."""
+    from featurize.shards import merge_shards, ready_to_merge
+
+    if not ready_to_merge(final):
+        return None
+    try:
+        with file_lock(lock_path(final), wait_s):
+            if final.exists():
+                return final
+            path = merge_shards(final, table)
+    except CacheError as exc:
+        if "another hexpress process" in str(exc):
+            return None  # another shard's process is merging right now
+        raise
+    print(f"[embed] all shards done: merged {path}", file=sys.stderr)
+    return path

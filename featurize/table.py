@@ -76,6 +76,13 @@ class TileTable:
             self._memo["targets"] = h.hexdigest()
         return self._memo["targets"]
 
+    def rows(self, start: int, stop: int) -> "TileTable":
+        """The table's rows ``start:stop`` (a shard), same source and name."""
+        sl = slice(start, stop)
+        opt = lambda a: None if a is None else a[sl]  # noqa: E731
+        return TileTable(self.source, self.ids[sl], self.paths[sl], self.raw_paths[sl], self.genes, opt(self.Y),
+                         opt(self.groups), self.group_col, opt(self.xy), opt(self.slides))
+
     def memo(self, key, compute):
         """A value computed once per table object (e.g. the freshness check of one cache)."""
         if key not in self._memo:

@@ -1,0 +1,107 @@
+"""Past one machine: shards, merge (same bytes as one process), refusals."""
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from featurize.cache import read_cache
+from featurize.errors import CacheError
+from featurize.extract import embed
+from featurize.shards import merge_shards, parse_shard, shard_rows
+from featurize.table import read_table
+
+KW = dict(random_init=True, batch_size=16, progress=False, num_workers=0)
+TIMING = {"created", "completed"}
+
+
+def run(argv):
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def _same_file(a, b):
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for d in ("ids", "paths"):  # variable-length strings
+            assert list(fa[d].asstr()[()]) == list(fb[d].asstr()[()]), d
+        for d in ("digests", "stats", "features", "valid", "done"):
+            assert fa[d][()].tobytes() == fb[d][()].tobytes(), d
+            assert fa[d].dtype == fb[d].dtype and fa[d].chunks == fb[d].chunks, d
+        aa = {k: v for k, v in fa.attrs.items() if k not in TIMING}
+        ab = {k: v for k, v in fb.attrs.items() if k not in TIMING}
+        assert aa.keys() == ab.keys()
+        for k in aa:
+            assert np.array_equal(aa[k], ab[k]), k
+
+
+def test_shard_rule_covers_the_rows_on_batch_boundaries():
+    for n, b, count in [(48, 16, 3), (100, 16, 4), (7, 16, 3), (1000, 64, 7)]:
+        parts = [shard_rows(n, b, i, count) for i in range(count)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(parts[k][1] == parts[k + 1][0] for k in range(count - 1))
+        assert all(start % b == 0 for start, _ in parts)
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "-1/3", "a/b", "3"):
+        with pytest.raises(Exception, match="I/N"):
+            parse_shard(bad)
+
+
+def test_shards_then_merge_give_the_bytes_of_one_process(syn_table, tmp_path):
+    one = embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / "one", **KW)[0]
+    outs = [embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / "sh", shard=(i, 3), **KW)[0] for i in (2, 0, 1)]
+    merged = outs[-1]  # the process finishing the last shard merges
+    assert merged.name == one.name and merged.exists()
+    assert ".shard-" in outs[0].name and ".shard-" in outs[1].name
+    _same_file(one, merged)
+    assert len(read_cache(merged).ids) == 48
+
+
+def test_merge_refuses_missing_incomplete_foreign_and_mixed_shards(syn_table, tmp_path):
+    d = tmp_path / "c"
+    a = embed(syn_table, ["timm:test_vit"], cache_dir=d, shard=(0, 2), **KW)[0]
+    final = a.with_name(a.name.split(".shard-")[0] + ".h5")
+    with pytest.raises(CacheError, match="shard 1 of 2 is missing"):
+        merge_shards(final)
+    embed(syn_table, ["timm:test_vit"], cache_dir=d, shard=(1, 2), max_batches=1, **KW)
+    with pytest.raises(CacheError, match="shard 1 of 2 is incomplete"):
+        merge_shards(final)
+    # a shard of another sharding left beside: refused, naming the counts
+    embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / "x", shard=(0, 3), **KW)
+    other = next((tmp_path / "x").rglob("*.shard-0000-of-0003.h5"))
+    shutil.copy(other, final.parent / other.name)
+    with pytest.raises(CacheError, match="different counts"):
+        merge_shards(final)
+    (final.parent / other.name).unlink()
+    # a shard cut from another version of the table (one row less) is foreign
+    work = tmp_path / "w"
+    shutil.copytree(syn_table.parent, work)
+    df = pd.read_csv(work / syn_table.name)
+    df.iloc[:-1].to_csv(work / syn_table.name, index=False)
+    embed(work / syn_table.name, ["timm:test_vit"], cache_dir=tmp_path / "y", shard=(1, 2), **KW)
+    foreign = next((tmp_path / "y").rglob("*.shard-0001-of-0002.h5"))
+    for p in final.parent.glob("*.shard-0001-of-0002.h5*"):
+        p.unlink()
+    shutil.copy(foreign, final.parent / foreign.name)
+    with pytest.raises(CacheError, match="another table"):
+        merge_shards(final)
+    assert not final.exists()
+
+
+def test_cli_shards_and_merge(syn_table, tmp_path, capsys):
+    base = ["embed", "--data", syn_table, "--backbone", "timm:test_vit", "--random-init", "--quiet",
+            "--cache-dir", tmp_path, "--workers", "0", "--batch-size", "16"]
+    assert run([*base, "--shard", "0/2"]) == 0
+    assert run([*base, "--shard", "2/2"]) == 2 and "I/N" in capsys.readouterr().err
+    assert run([*base, "--shard", "1/2"]) == 0
+    merged = next(p for p in tmp_path.rglob("*.h5") if ".shard-" not in p.name)
+    assert run(["cache", "verify", merged]) == 0
+    merged.unlink()
+    shard = next(tmp_path.rglob("*.shard-0000-of-0002.h5"))
+    assert run(["cache", "merge", shard, "--data", syn_table]) == 0 and merged.exists()
+    from featurize.cache import load_features
+
+    assert load_features(read_table(syn_table), "timm:test_vit", tmp_path).features.shape == (48, 64)
