@@ -248,6 +248,13 @@ def cmd_tiles(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from featurize.pack import pack_table
+
+    print(pack_table(args.data, args.out, tiles_per_pack=args.tiles_per_pack))
+    return 0
+
+
 def cmd_import_embeddings(args) -> int:
     from featurize.importers.embeddings import import_embeddings
     from featurize.table import read_table
@@ -432,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-unmatched", action="store_true",
                     help="keep going when table rows have no embedding (they are left out of every fit)")
     sp.set_defaults(func=cmd_import_embeddings)
+
+    sp = sub.add_parser("pack", help="write a table's tiles into a few tar files (WebDataset layout) for clusters",
+                        description="Store the tiles of --data in tar files of --tiles-per-pack tiles each, and write "
+                                    "a packed table of the same name under --out whose rows point into them; embed "
+                                    "reads it without unpacking and uses the same cache (same rows, same content).")
+    sp.add_argument("--data", required=True, help="tile table to pack")
+    sp.add_argument("--out", required=True, help="folder for the packs and the packed table (not the table's own folder)")
+    sp.add_argument("--tiles-per-pack", type=int, default=10_000, help="tiles per tar file (default: %(default)s)")
+    sp.set_defaults(func=cmd_pack)
 
     sp = sub.add_parser("backbones", help="list the registered backbones", description="List registered backbones.")
     sp.set_defaults(func=cmd_backbones)

@@ -416,7 +416,7 @@ def plan_for(table, path: Path) -> RowPlan:
     def compute() -> RowPlan:
         with _open(path) as fh:
             ids, digests, stats = _rows_of(fh)
-        return plan_rows(table.ids, table.paths, ids, digests, stats)
+        return plan_rows(table.ids, table.sources, ids, digests, stats)
 
     return table.memo(("plan", str(Path(path).resolve()), Path(path).stat().st_mtime_ns), compute)
 

@@ -11,11 +11,17 @@ anyway, so it costs one pass of sha256, not a second read.
 
 Rows imported from other tools' embedding files have no tile bytes (empty
 digest): they are fresh whenever the ID is the same.
+
+A tile's *source* is a path, or ``<pack file>@<offset>+<size>`` for a tile
+stored inside a pack (:mod:`featurize.pack`): its bytes are read straight from
+that range, its stat is the pack file's, and its digest is that of its own
+bytes, so a packed table shares the unpacked table's cache rows.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,25 +33,53 @@ NO_STAT = (-1, -1)
 DIGEST_DTYPE = "S64"  # hex sha256
 
 
-def stat_of(path: str | os.PathLike) -> tuple[int, int]:
-    """(size, mtime_ns) of a file, or :data:`NO_STAT` when it cannot be statted."""
+_PACKED = re.compile(r"^(?P<path>.+)@(?P<offset>\d+)\+(?P<size>\d+)$")
+
+
+def packed_source(path: str | os.PathLike, offset: int, size: int) -> str:
+    return f"{path}@{int(offset)}+{int(size)}"
+
+
+def split_source(source: str | os.PathLike) -> tuple[str, int | None, int | None]:
+    """(file, offset, size) of a tile source; offset and size are None for a plain file."""
+    m = _PACKED.match(str(source))
+    if m:
+        return m.group("path"), int(m.group("offset")), int(m.group("size"))
+    return str(source), None, None
+
+
+def stat_of(source: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime_ns) of the file holding the tile, or :data:`NO_STAT` when it cannot be statted."""
     try:
-        st = os.stat(path)
+        st = os.stat(split_source(source)[0])
     except OSError:
         return NO_STAT
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def read_with_digest(path: str | os.PathLike) -> tuple[bytes, str, tuple[int, int]]:
-    """The file's bytes, their sha256 (hex) and the stat of the file they were read from."""
+def read_with_digest(source: str | os.PathLike) -> tuple[bytes, str, tuple[int, int]]:
+    """The tile's bytes, their sha256 (hex) and the stat of the file they were read from."""
+    path, offset, size = split_source(source)
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        data = fh.read()
+        if offset is None:
+            data = fh.read()
+        else:
+            fh.seek(offset)
+            data = fh.read(size)
+            if len(data) != size:
+                raise OSError(f"{path}: pack is shorter than its table says (tile at {offset}+{size})")
     return data, hashlib.sha256(data).hexdigest(), (int(st.st_size), int(st.st_mtime_ns))
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 (hex) of a file, streamed; empty string when it cannot be read."""
+def file_digest(source: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a tile's bytes, streamed for plain files; empty string when it cannot be read."""
+    path, offset, _ = split_source(source)
+    if offset is not None:
+        try:
+            return read_with_digest(source)[1]
+        except OSError:
+            return ""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

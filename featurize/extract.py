@@ -25,7 +25,7 @@ import numpy as np
 from featurize.backbones import BackboneSpec, get_spec
 from featurize.cache import CacheKey, CacheWriter, _rows_of, cache_path, lock_path, read_attrs, update_stats
 from featurize.device import resolve_device
-from featurize.digests import NO_STAT, plan_rows, read_with_digest
+from featurize.digests import NO_STAT, plan_rows, read_with_digest, split_source
 from featurize.errors import CacheError, ImageError, UsageError
 from featurize.images import load_rgb
 from featurize.lock import file_lock
@@ -55,7 +55,7 @@ class TileDataset:
             data, digest, st = read_with_digest(path)
         except OSError:
             try:
-                load_rgb(path)  # raises the precise error: missing file, directory, ...
+                load_rgb(split_source(path)[0])  # raises the precise error: missing file, directory, ...
             except ImageError as exc:
                 return i, None, str(exc), UNREADABLE, NO_STAT
             return i, None, f"{path}: cannot be read; check that the file exists.", UNREADABLE, NO_STAT
@@ -206,7 +206,7 @@ def embed(
         table = full.rows(start, stop)
         shard_attrs = {"shard_index": index, "shard_count": count, "shard_start": start, "shard_stop": stop,
                        "table_rows": len(full), "table_row_fingerprint": full.fingerprint(), "batch_size": batch_size}
-    paths = [str(p) for p in table.paths]
+    paths = table.sources
 
     jobs: list[_Job] = []
     for name in dict.fromkeys(backbones):
@@ -272,7 +272,7 @@ def embed(
             need[k, job.todo] = True
         rows_todo = np.flatnonzero(need.any(axis=0))
         keys = sorted({j.spec.preprocess_key for j in todo})
-        dataset = TileDataset(table.paths, keys)
+        dataset = TileDataset(paths, keys)
         if num_workers is None:  # on CPU the workers share cores with the forward pass; on a GPU decoding is the CPU's job
             num_workers = min(4 if dev.type == "cpu" else 12, max(1, (os.cpu_count() or 2) - 1))
         loader = DataLoader(

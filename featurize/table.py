@@ -25,7 +25,8 @@ import pandas as pd
 from featurize.errors import TableError
 
 #: Columns never treated as genes.
-META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode", "grid_row", "grid_col")
+META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode", "grid_row", "grid_col",
+                "pack_offset", "pack_size")
 #: Grouping columns looked for, in this order, when none is named.
 GROUP_CANDIDATES = ("patient", "slide", "section", "group")
 
@@ -44,7 +45,17 @@ class TileTable:
     group_col: str | None
     xy: np.ndarray | None  # (n, 2) float64
     slides: np.ndarray | None = None  # (n,) str: the slide/section column, for spatial neighbours
+    packed: np.ndarray | None = None  # (n, 2) int64 byte offset and size inside the pack file at ``paths[i]``
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sources(self) -> list[str]:
+        """Where each tile's bytes are: a path, or ``<pack>@<offset>+<size>`` (:mod:`featurize.digests`)."""
+        if self.packed is None:
+            return [str(p) for p in self.paths]
+        from featurize.digests import packed_source
+
+        return [packed_source(p, o, z) if o >= 0 else str(p) for p, (o, z) in zip(self.paths, self.packed)]
 
     @property
     def name(self) -> str:
@@ -81,7 +92,7 @@ class TileTable:
         sl = slice(start, stop)
         opt = lambda a: None if a is None else a[sl]  # noqa: E731
         return TileTable(self.source, self.ids[sl], self.paths[sl], self.raw_paths[sl], self.genes, opt(self.Y),
-                         opt(self.groups), self.group_col, opt(self.xy), opt(self.slides))
+                         opt(self.groups), self.group_col, opt(self.xy), opt(self.slides), opt(self.packed))
 
     def memo(self, key, compute):
         """A value computed once per table object (e.g. the freshness check of one cache)."""
@@ -144,7 +155,15 @@ def read_table(
         raise TableError(f"{path}: row {row + 2} (ID {ids[row]}) has an empty path.")
     raw_paths = df["path"].astype(str).tolist()
     base = path.parent
-    paths = [Path(p) if os.path.isabs(p) else (base / p) for p in raw_paths]
+    packed = None
+    if "pack_offset" in df.columns and "pack_size" in df.columns:  # tiles inside pack files (cli.py pack)
+        off = pd.to_numeric(df["pack_offset"], errors="coerce").fillna(-1).to_numpy(np.int64)
+        size = pd.to_numeric(df["pack_size"], errors="coerce").fillna(-1).to_numpy(np.int64)
+        packed = np.stack([off, size], axis=1)
+        files = [p.split("#", 1)[0] if o >= 0 else p for p, o in zip(raw_paths, off)]
+    else:
+        files = raw_paths
+    paths = [Path(p) if os.path.isabs(p) else (base / p) for p in files]
     paths = [Path(os.path.normpath(p)) for p in paths]
     if check_files:
         for row, p in enumerate(paths):
@@ -184,6 +203,7 @@ def read_table(
         group_col=group_col,
         xy=xy,
         slides=slides,
+        packed=packed,
     )
 
 

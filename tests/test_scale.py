@@ -105,3 +105,38 @@ def test_cli_shards_and_merge(syn_table, tmp_path, capsys):
     from featurize.cache import load_features
 
     assert load_features(read_table(syn_table), "timm:test_vit", tmp_path).features.shape == (48, 64)
+
+
+# ------------------------------------------------------------------ packs
+def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_path, monkeypatch):
+    import tarfile
+
+    assert run(["pack", "--data", syn_table, "--out", tmp_path / "packs", "--tiles-per-pack", "20"]) == 0
+    packed = tmp_path / "packs" / syn_table.name
+    tars = sorted((tmp_path / "packs").glob("*.tar"))
+    assert [t.name for t in tars] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    with tarfile.open(tars[0]) as tf:  # WebDataset layout: <key>.<ext>
+        names = tf.getnames()
+        assert len(names) == 20 and all(n.count(".") == 1 and n.endswith(".png") for n in names)
+    t = read_table(packed)
+    assert t.packed is not None and len(t) == 48
+    # fresh caches: the packed table gives the very bytes of the loose tiles
+    loose = embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / "a", **KW)[0]
+    pk = embed(packed, ["timm:test_vit"], cache_dir=tmp_path / "b", **KW)[0]
+    assert pk.name == loose.name
+    assert read_cache(pk).features.tobytes() == read_cache(loose).features.tobytes()
+    with h5py.File(loose) as fa, h5py.File(pk) as fb:
+        assert fa["digests"][()].tobytes() == fb["digests"][()].tobytes()  # same content identity
+    # the loose table's cache serves the packed table: nothing embedded
+    import featurize.extract as ex
+
+    monkeypatch.setattr(ex, "create_backbone", lambda *a: pytest.fail("re-embedded"))
+    shared = embed(packed, ["timm:test_vit"], cache_dir=tmp_path / "a", **KW)[0]
+    assert shared == loose
+    from featurize.cache import verify_cache
+
+    assert verify_cache(pk, deep=True) == []
+    with pytest.raises(Exception, match="another folder"):
+        from featurize.pack import pack_table
+
+        pack_table(syn_table, syn_table.parent)
