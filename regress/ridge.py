@@ -191,6 +191,121 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             self.alpha_ = float(self.alpha_[0])
         return self
 
+    # ------------------------------------------------------------------ streaming fit
+    def fit_chunks(self, chunks, n: int, groups=None):
+        """The same fit from row chunks, never holding all of X or Y (primal case, K-fold CV).
+
+        ``chunks()`` returns a fresh iterator of ``(start, X_chunk, Y_chunk)`` (rows
+        ``start:start+len``, in order); it is called twice.  Pass 1 takes the global
+        means and gene scales; pass 2 accumulates, per CV fold, the sufficient
+        statistics of the globally centred data (X'X, X'Y, column sums of X, Y
+        and Y^2).  Every fold's validation scores follow from them exactly, since
+        with :math:`A = X^{val}_s V` the scores need only :math:`A^\top A`,
+        :math:`A^\top Y^{val}` and :math:`A^\top 1`, each a product of the fold's
+        sums with :math:`V` (see :meth:`_fold_sums`).  Memory: per fold a d x d and
+        a d x genes matrix, whatever the number of rows.  Float64 throughout; the
+        predictions equal :meth:`fit`'s to rounding (tested).
+        """
+        self._check_params()
+        if self.cv == "gcv" or self.n_components is not None or not self.fit_intercept:
+            raise UsageError("the streaming ridge fit supports K-fold CV with an intercept and no PCA "
+                             "(cv=int, n_components=None, fit_intercept=True).")
+        folds = np.empty(n, dtype=np.int64)
+        splits = make_splits(n, self.cv, inner_groups(groups), self.random_state)
+        for f, (_, val) in enumerate(splits):
+            folds[val] = f
+        n_folds = len(splits)
+        # pass 1: global means and gene scales
+        sx = sy = syy = None
+        rows = 0
+        for _, Xb, Yb in chunks():
+            Xb, Yb = np.asarray(Xb, np.float64), np.asarray(Yb, np.float64).reshape(len(Xb), -1)
+            sx = Xb.sum(0) if sx is None else sx + Xb.sum(0)
+            sy = Yb.sum(0) if sy is None else sy + Yb.sum(0)
+            syy = (Yb * Yb).sum(0) if syy is None else syy + (Yb * Yb).sum(0)
+            rows += len(Xb)
+        if rows != n:
+            raise UsageError(f"the chunks hold {rows} rows, not {n}.")
+        d, g = sx.shape[0], sy.shape[0]
+        if n < d:
+            raise UsageError(f"the streaming ridge fit needs more rows than features ({n} <= {d}); fit in memory.")
+        x_mean, y_mean = sx / n, sy / n
+        y_std, constant = scale_or_one(y_mean, np.sqrt(np.maximum(syy / n - y_mean ** 2, 0.0)))
+        self.constant_targets_ = np.flatnonzero(constant)
+        alphas = self._alpha_grid(d, g)
+        # pass 2: per-fold sums of centred X and standardised Y
+        G = np.zeros((n_folds, d, d))
+        C = np.zeros((n_folds, d, g))
+        fsx, fsy, fsyy = np.zeros((n_folds, d)), np.zeros((n_folds, g)), np.zeros((n_folds, g))
+        fn = np.bincount(folds, minlength=n_folds)
+        for start, Xb, Yb in chunks():
+            Xc = np.asarray(Xb, np.float64) - x_mean
+            Ys = (np.asarray(Yb, np.float64).reshape(len(Xc), -1) - y_mean) / y_std
+            fb = folds[start:start + len(Xc)]
+            for f in np.unique(fb):
+                m = fb == f
+                Xf, Yf = Xc[m], Ys[m]
+                G[f] += Xf.T @ Xf
+                C[f] += Xf.T @ Yf
+                fsx[f] += Xf.sum(0)
+                fsy[f] += Yf.sum(0)
+                fsyy[f] += (Yf * Yf).sum(0)
+        be = get_backend("cpu")
+        Gt, Ct, sxt, syt = G.sum(0), C.sum(0), fsx.sum(0), fsy.sum(0)
+        if len(alphas) == 1:
+            best = np.zeros(g, dtype=int)
+            self.cv_scores_ = None
+        else:
+            parts = [self._fold_sums_from_stats(be, n, Gt, Ct, sxt, syt, G[f], C[f], fsx[f], fsy[f], int(fn[f]), alphas)
+                     + (fsy[f], fsyy[f], int(fn[f])) for f in range(n_folds)]
+            scores = pooled_scores(*(sum(col) for col in zip(*parts)), self.scoring)
+            self.cv_scores_ = scores
+            best = best_index(scores, self.alpha_per_target)
+        self.inner_cv_grouped_ = inner_groups(groups) is not None
+        lam, V, scale = _decompose(be, Gt, sxt, n, self.standardize, d, v_dtype="float64")
+        self.alpha_ = np.asarray(alphas)[best]
+        B = V.T @ (Ct / scale[:, None])
+        coef = V @ (B / (lam[:, None] + self.alpha_[None, :]))
+        coef /= scale[:, None]
+        coef *= y_std[None, :]
+        self._y_1d = False
+        self.n_features_in_ = d
+        self.n_components_ = d
+        self.coef_ = coef.T
+        self.intercept_ = y_mean - x_mean @ coef
+        self.alphas_ = np.asarray(alphas)
+        return self
+
+    def _fold_sums_from_stats(self, be, n, Gt, Ct, sxt, syt, Gv, Cv, sxv, syv, n_v, alphas):
+        """One fold's (sum p, sum p^2, sum p*y) per alpha and gene, from its sufficient statistics.
+
+        The same quantities as :meth:`_fold_sums`, with :math:`A^\top A`,
+        :math:`A^\top 1` and :math:`A^\top Y^{val}` formed from the validation
+        part's sums (centred by the training mean, scaled by the training scale)
+        instead of its rows; float64 throughout.
+        """
+        n_tr = n - n_v
+        G_tr, C_tr, sx_tr, sy_tr = Gt - Gv, Ct - Cv, sxt - sxv, syt - syv
+        lam, V, scale = _decompose(be, G_tr, sx_tr, n_tr, self.standardize, Gt.shape[0], v_dtype="float64")
+        mu, muy = sx_tr / n_tr, sy_tr / n_tr
+        B = V.T @ ((C_tr - mu[:, None] * sy_tr[None, :]) / scale[:, None])
+        Gvc = Gv - np.outer(mu, sxv) - np.outer(sxv, mu) + n_v * np.outer(mu, mu)
+        M = V.T @ (Gvc / np.outer(scale, scale)) @ V
+        a1 = V.T @ ((sxv - n_v * mu) / scale)
+        AtY = V.T @ ((Cv - mu[:, None] * syv[None, :]) / scale[:, None])
+        W = 1.0 / (lam[None, :] + np.asarray(alphas, np.float64)[:, None])
+        p1 = W @ (a1[:, None] * B)
+        py = W @ (AtY * B)
+        pp = np.empty_like(p1)
+        for a in range(W.shape[0]):
+            WB = W[a][:, None] * B
+            pp[a] = np.einsum("kj,kj->j", WB, M @ WB)
+        m = muy[None, :]
+        py = py + m * syv[None, :]
+        pp = pp + 2.0 * m * p1 + n_v * m * m
+        p1 = p1 + n_v * m
+        return p1, pp, py
+
     def _alpha_grid(self, n_feat: int, n_targets: int) -> list[float]:
         if isinstance(self.alphas, str):
             if self.alphas != "hest":

@@ -140,3 +140,44 @@ def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_p
         from featurize.pack import pack_table
 
         pack_table(syn_table, syn_table.parent)
+
+
+# ------------------------------------------------------------------ heads that stream
+@pytest.mark.parametrize("kw", [{}, {"scoring": "pcc"}, {"standardize": False}, {"alpha_per_target": False},
+                                {"alphas": (3.0,)}, {"cv": 3}])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
+    from regress.ridge import RidgeHead
+
+    rng = np.random.default_rng(1)
+    n, d, g = 540, 24, 9
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :5] @ rng.standard_normal((5, g)) + 2 * rng.standard_normal((n, g)) + 7
+    Y[:, 3] = 1.5  # a constant gene
+    groups = np.repeat(np.arange(6), 90) if grouped else None
+    ref = RidgeHead(random_state=0, **kw).fit(X, Y, groups=groups)
+
+    def chunks():
+        for s in range(0, n, 64):
+            yield s, X[s:s + 64], Y[s:s + 64]
+
+    got = RidgeHead(random_state=0, **kw).fit_chunks(chunks, n, groups=groups)
+    pr, pg = ref.predict(X), got.predict(X)
+    assert np.abs(pr - pg).max() <= 1e-5 * np.abs(pr).max()
+    np.testing.assert_array_equal(np.atleast_1d(ref.alpha_), np.atleast_1d(got.alpha_))
+    assert list(got.constant_targets_) == [3]
+
+
+def test_streaming_ridge_refuses_what_it_does_not_do():
+    from featurize.errors import UsageError
+    from regress.ridge import RidgeHead
+
+    X, Y = np.zeros((10, 20)), np.zeros((10, 2))
+    chunks = lambda: iter([(0, X, Y)])  # noqa: E731
+    for kw in ({"cv": "gcv"}, {"n_components": 5}, {"fit_intercept": False}):
+        with pytest.raises(UsageError, match="streaming"):
+            RidgeHead(**kw).fit_chunks(chunks, 10)
+    with pytest.raises(UsageError, match="more rows than features"):
+        RidgeHead().fit_chunks(chunks, 10)
+    with pytest.raises(UsageError, match="hold 10 rows, not 11"):
+        RidgeHead().fit_chunks(chunks, 11)
