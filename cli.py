@@ -140,7 +140,7 @@ def cmd_fit(args) -> int:
     res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
                   seed=args.seed, device=args.device, name=args.name, context=args.context,
-                  head_params=_head_params(args), overwrite=args.overwrite)
+                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -508,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", action="append", help="explicit cache file(s) instead of --backbone lookup")
     sp.add_argument("--head", default="ridge", help=head_choices_help() + " (default: %(default)s)")
     sp.add_argument("--name", default=None, help="run name (default: <table>-<backbone>-<head>)")
+    sp.add_argument("--stream", action="store_true", default=None,
+                    help="fit from disk in row chunks, never holding all features or targets (ridge heads; chosen "
+                         "automatically when the table file is larger than half the machine's memory)")
     sp.set_defaults(func=cmd_fit)
 
     sp = sub.add_parser("compare", help="backbones x heads table of CV PCC and fit time",

@@ -101,7 +101,7 @@ class TileTable:
         return self._memo[key]
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+def _read_frame(path: Path, meta_only: bool = False) -> pd.DataFrame:
     if not path.exists():
         raise TableError(f"{path}: tile table not found; check the --data path.")
     if path.is_dir():
@@ -111,7 +111,8 @@ def _read_frame(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
-            df = pd.read_csv(path, dtype={"ID": str, "path": str}, low_memory=False)
+            usecols = (lambda c: c in META_COLUMNS or c in GROUP_CANDIDATES) if meta_only else None
+            df = pd.read_csv(path, dtype={"ID": str, "path": str}, low_memory=False, usecols=usecols)
     except pd.errors.EmptyDataError as exc:
         raise TableError(f"{path}: the table is empty; it needs a header with ID and path columns.") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
@@ -125,6 +126,7 @@ def read_table(
     group_col: str | None = None,
     require_genes: bool = False,
     check_files: bool = True,
+    meta_only: bool = False,
 ) -> TileTable:
     """Read and validate a tile table.
 
@@ -134,7 +136,7 @@ def read_table(
     or no gene columns when ``require_genes``.
     """
     path = Path(path).expanduser().resolve()
-    df = _read_frame(path)
+    df = _read_frame(path, meta_only)
     for col in ("ID", "path"):
         if col not in df.columns:
             raise TableError(f"{path}: missing required column '{col}'; a tile table needs ID and path columns.")

@@ -1,6 +1,8 @@
 """Fit a head on cached features with grouped CV and write a run folder (:mod:`regress.runs`)."""
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 import time
@@ -38,13 +40,20 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
             cache_files: Sequence[str] | None = None, folds: int = 5, group_col: str | None = None,
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
             command: str | None = None, log=print, training: TrainingData | None = None,
-            context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False) -> RunResult:
+            context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
+            stream: bool | None = None) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
 
     An existing folder of the same name with another identity (different
     folds, seed, grouping, head parameters, table or caches) is refused
-    unless ``overwrite``.
+    unless ``overwrite``.  ``stream`` fits from disk in row chunks (:mod:`regress.stream`; ridge heads);
+    ``None`` chooses it when the table file alone is larger than half the machine's memory.
     """
+    if training is None and (stream or (stream is None and _too_big(data))):
+        return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
+                                  cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
+                                  seed=seed, device=device, name=name, command=command, log=log, context=context,
+                                  head_params=head_params, overwrite=overwrite)
     td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context)
     groups = td.groups if use_groups else None
     if groups is not None and len(np.unique(groups)) < 2:
@@ -117,3 +126,82 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
     path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite)
     return RunResult(path, metrics, cv_seconds, oof)
+
+
+def _too_big(data) -> bool:
+    from regress.stream import STREAM_ABOVE_FRACTION
+
+    try:
+        size = Path(data).stat().st_size
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (TypeError, OSError, ValueError, AttributeError):
+        return False
+    return size > STREAM_ABOVE_FRACTION * total
+
+
+def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_files, folds, group_col, use_groups,
+                       seed, device, name, command, log, context, head_params, overwrite) -> RunResult:
+    """fit_run from disk: the targets' columnar file and the caches, a block of rows at a time."""
+    from featurize.cache import find_cache, read_attrs
+    from featurize.table import read_table
+    from regress.stream import fit_streaming, targets_store
+
+    if context:
+        raise UsageError("--stream does not compute --context features; fit with --context in memory.")
+    if not backbones and not cache_files:
+        raise UsageError("name the features to fit on: --backbone NAME (repeatable) or --cache FILE.")
+    table = read_table(data, group_col=group_col, check_files=False, meta_only=True)
+    caches = [Path(c) for c in cache_files] if cache_files else [find_cache(table, b, cache_dir) for b in backbones]
+    infos = []
+    for c in caches:
+        a = read_attrs(c)
+        infos.append({"backbone": a["backbone"], "cache": str(c), "fingerprint": a["fingerprint"],
+                      "table_fingerprint": a.get("table_fingerprint", ""), "random_init": bool(a["random_init"]),
+                      "weights_sha256": a["weights_sha256"], "weights_source": a["weights_source"],
+                      "weights_path": a.get("weights_path", ""), "tta": int(a["tta"]), "dtype": a["dtype"],
+                      "key": json.loads(a["key_json"])})
+    targets = targets_store(table.source, cache_dir, table.group_col)
+    est = make_head(head, device, seed, head_params)
+    grouped = use_groups and table.group_col is not None
+    params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}
+    identity_fields = {
+        "format": RUN_FORMAT,
+        "table": {"rows": table.fingerprint(), "targets": targets.stem, "group_col": table.group_col if grouped else None},
+        "caches": [{"backbone": c["backbone"], "key": c["fingerprint"], "content": c["table_fingerprint"]} for c in infos],
+        "head": {"name": head, "params": {k: repr(v) for k, v in params.items()}},
+        "folds": {"n": folds, "seed": seed, "grouped": grouped},
+        "context": 0,
+    }
+    name = name or f"{table.name}-{'+'.join(c['backbone'] for c in infos)}-{head}".replace(":", "_").replace("/", "_")
+    final = Path(runs_dir) / name
+    refuse_other_identity(final, identity_fields, overwrite)
+    t0 = time.perf_counter()
+    write_oof, acc, genes, n = fit_streaming(targets, caches, est, groups_on=grouped, n_folds=folds, seed=seed, log=log)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_oof = final.with_name(f".{final.name}.oof-{os.getpid()}.h5")
+    try:
+        write_oof(tmp_oof)
+        metrics = acc.result(genes)
+        del est.fold_models_, est.folds_  # CV artefacts: the saved model is the refit on all rows
+        seconds = time.perf_counter() - t0
+        sidecar = read_sidecar(table.source)
+        symbols = (sidecar or {}).get("gene_names", {})
+        info = {
+            "format": RUN_FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "identity": identity_of(identity_fields), "identity_fields": identity_fields,
+            "table": {"path": str(table.source), "fingerprint": table.fingerprint(), "n_rows": len(table),
+                      "n_used": n, "group_col": table.group_col if grouped else None},
+            "backbones": infos, "random_init": any(c["random_init"] for c in infos),
+            "head": {"name": head, "params": params, "plugin": False}, "context": 0,
+            "folds": {"n": len(acc.n), "seed": seed, "grouped": grouped}, "genes": genes,
+            "gene_names": [symbols.get(g, g) for g in genes], "tile_um": tile_um_of(sidecar),
+            "slide_images": slide_images_of(sidecar), "streamed": True, "cv_seconds": seconds, "refit_seconds": 0.0,
+            "summary": {k: metrics[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold", "pcc_gene_median",
+                                                "pcc_tile_mean", "mse")},
+        }
+        path = write_run(final, info, metrics, lambda p: os.replace(tmp_oof, p), est, overwrite=overwrite)
+    finally:
+        if tmp_oof.exists():
+            tmp_oof.unlink()
+    return RunResult(path, metrics, seconds, None)

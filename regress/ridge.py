@@ -192,7 +192,7 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ streaming fit
-    def fit_chunks(self, chunks, n: int, groups=None):
+    def fit_chunks(self, chunks, n: int, groups=None, folds=None):
         """The same fit from row chunks, never holding all of X or Y (primal case, K-fold CV).
 
         ``chunks()`` returns a fresh iterator of ``(start, X_chunk, Y_chunk)`` (rows
@@ -205,16 +205,22 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         sums with :math:`V` (see :meth:`_fold_sums`).  Memory: per fold a d x d and
         a d x genes matrix, whatever the number of rows.  Float64 throughout; the
         predictions equal :meth:`fit`'s to rounding (tested).
+
+        ``folds`` (a fold index per row) replaces the head's own K-fold split.
+        ``fold_models_`` then holds, per fold, the model fitted without it whose
+        alphas were chosen by CV over the *other* folds only (nested: the held-out
+        fold never picks its own alpha); they make the out-of-fold predictions.
         """
         self._check_params()
         if self.cv == "gcv" or self.n_components is not None or not self.fit_intercept:
             raise UsageError("the streaming ridge fit supports K-fold CV with an intercept and no PCA "
                              "(cv=int, n_components=None, fit_intercept=True).")
-        folds = np.empty(n, dtype=np.int64)
-        splits = make_splits(n, self.cv, inner_groups(groups), self.random_state)
-        for f, (_, val) in enumerate(splits):
-            folds[val] = f
-        n_folds = len(splits)
+        if folds is None:
+            folds = np.empty(n, dtype=np.int64)
+            for f, (_, val) in enumerate(make_splits(n, self.cv, inner_groups(groups), self.random_state)):
+                folds[val] = f
+        folds = np.asarray(folds, dtype=np.int64)
+        n_folds = int(folds.max()) + 1
         # pass 1: global means and gene scales
         sx = sy = syy = None
         rows = 0
@@ -251,16 +257,34 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 fsy[f] += Yf.sum(0)
                 fsyy[f] += (Yf * Yf).sum(0)
         be = get_backend("cpu")
-        Gt, Ct, sxt, syt = G.sum(0), C.sum(0), fsx.sum(0), fsy.sum(0)
+        Gt, Ct, sxt = G.sum(0), C.sum(0), fsx.sum(0)
+        self._fold_parts = []
+        def stats(without):
+            keep = [f for f in range(n_folds) if f not in without]
+            return (G[keep].sum(0), C[keep].sum(0), fsx[keep].sum(0), fsy[keep].sum(0), int(fn[keep].sum()))
+
+        def val(f):
+            return G[f], C[f], fsx[f], fsy[f], int(fn[f])
+
+        parts = [self._fold_sums_from_stats(be, stats({f}), val(f), alphas) + (fsy[f], fsyy[f], int(fn[f]))
+                 for f in range(n_folds)]
         if len(alphas) == 1:
             best = np.zeros(g, dtype=int)
             self.cv_scores_ = None
         else:
-            parts = [self._fold_sums_from_stats(be, n, Gt, Ct, sxt, syt, G[f], C[f], fsx[f], fsy[f], int(fn[f]), alphas)
-                     + (fsy[f], fsyy[f], int(fn[f])) for f in range(n_folds)]
             scores = pooled_scores(*(sum(col) for col in zip(*parts)), self.scoring)
             self.cv_scores_ = scores
             best = best_index(scores, self.alpha_per_target)
+        # nested choice for each fold's own model: its alphas from CV over the other folds
+        fold_best = []
+        for f in range(n_folds):
+            if len(alphas) == 1 or n_folds < 3:
+                fold_best.append(best)
+                continue
+            inner = [self._fold_sums_from_stats(be, stats({f, h}), val(h), alphas, keep=False) + (fsy[h], fsyy[h], int(fn[h]))
+                     for h in range(n_folds) if h != f]
+            fold_best.append(best_index(pooled_scores(*(sum(col) for col in zip(*inner)), self.scoring),
+                                        self.alpha_per_target))
         self.inner_cv_grouped_ = inner_groups(groups) is not None
         lam, V, scale = _decompose(be, Gt, sxt, n, self.standardize, d, v_dtype="float64")
         self.alpha_ = np.asarray(alphas)[best]
@@ -274,9 +298,17 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         self.coef_ = coef.T
         self.intercept_ = y_mean - x_mean @ coef
         self.alphas_ = np.asarray(alphas)
+        # each CV fold's model at the chosen alphas: what the out-of-fold predictions are made with
+        self.fold_models_ = []
+        for (lam_f, V_f, scale_f, B_f, mu_f, muy_f), b_f in zip(self._fold_parts, fold_best):
+            a_f = np.asarray(alphas)[b_f]
+            coef_f = (V_f @ (B_f / (lam_f[:, None] + a_f[None, :]))) / scale_f[:, None] * y_std[None, :]
+            self.fold_models_.append((coef_f, y_mean + y_std * muy_f - (x_mean + mu_f) @ coef_f))
+        self.folds_ = folds
+        del self._fold_parts
         return self
 
-    def _fold_sums_from_stats(self, be, n, Gt, Ct, sxt, syt, Gv, Cv, sxv, syv, n_v, alphas):
+    def _fold_sums_from_stats(self, be, train, val, alphas, keep: bool = True):
         """One fold's (sum p, sum p^2, sum p*y) per alpha and gene, from its sufficient statistics.
 
         The same quantities as :meth:`_fold_sums`, with :math:`A^\top A`,
@@ -284,9 +316,9 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         part's sums (centred by the training mean, scaled by the training scale)
         instead of its rows; float64 throughout.
         """
-        n_tr = n - n_v
-        G_tr, C_tr, sx_tr, sy_tr = Gt - Gv, Ct - Cv, sxt - sxv, syt - syv
-        lam, V, scale = _decompose(be, G_tr, sx_tr, n_tr, self.standardize, Gt.shape[0], v_dtype="float64")
+        G_tr, C_tr, sx_tr, sy_tr, n_tr = train
+        Gv, Cv, sxv, syv, n_v = val
+        lam, V, scale = _decompose(be, G_tr, sx_tr, n_tr, self.standardize, G_tr.shape[0], v_dtype="float64")
         mu, muy = sx_tr / n_tr, sy_tr / n_tr
         B = V.T @ ((C_tr - mu[:, None] * sy_tr[None, :]) / scale[:, None])
         Gvc = Gv - np.outer(mu, sxv) - np.outer(sxv, mu) + n_v * np.outer(mu, mu)
@@ -304,6 +336,8 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         py = py + m * syv[None, :]
         pp = pp + 2.0 * m * p1 + n_v * m * m
         p1 = p1 + n_v * m
+        if keep:
+            self._fold_parts.append((lam, V, scale, B, mu, muy))
         return p1, pp, py
 
     def _alpha_grid(self, n_feat: int, n_targets: int) -> list[float]:

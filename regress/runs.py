@@ -135,7 +135,7 @@ def refuse_other_identity(final: Path, identity_fields: dict[str, Any], overwrit
                        "pass --overwrite to replace it, or --name/--out to keep both.")
 
 
-def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data: RunData, model, *, kind: str = "run",
+def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data, model, *, kind: str = "run",
               overwrite: bool = False) -> Path:
     """Write every file under a temporary folder, then rename it into place (refusing another identity)."""
     final = Path(final)
@@ -152,7 +152,10 @@ def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data: 
         import pandas as pd
 
         pd.DataFrame(metrics["per_gene"]).to_csv(tmp / "per_gene.csv", index=False)
-        _write_data(tmp / "oof.h5", data)
+        if callable(data):  # a streamed fit writes oof.h5 chunk by chunk, same layout
+            data(tmp / "oof.h5")
+        else:
+            _write_data(tmp / "oof.h5", data)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -181,3 +181,42 @@ def test_streaming_ridge_refuses_what_it_does_not_do():
         RidgeHead().fit_chunks(chunks, 10)
     with pytest.raises(UsageError, match="hold 10 rows, not 11"):
         RidgeHead().fit_chunks(chunks, 11)
+
+
+def test_fit_stream_writes_a_run_like_the_in_memory_fit(tmp_path):
+    """fit --stream: the same folds, nested alphas, metrics from sums; the run folder has the usual contents."""
+    from featurize.synthetic import make_synthetic_table
+    from regress.runs import load_run
+
+    table = make_synthetic_table(tmp_path / "d", n=160, n_genes=6, size=32, name="train", seed=3)
+    cache_dir = tmp_path / "cache"
+    embed(table, ["timm:test_vit"], cache_dir=cache_dir, **KW)
+    base = ["fit", "--data", table, "--backbone", "timm:test_vit", "--cache-dir", cache_dir, "--folds", "4",
+            "--device", "cpu", "--groups", "none"]
+    assert run([*base, "--runs-dir", tmp_path / "mem"]) == 0
+    assert run([*base, "--runs-dir", tmp_path / "str", "--stream"]) == 0
+    a = load_run(tmp_path / "mem" / "train-timm_test_vit-ridge")
+    b = load_run(tmp_path / "str" / "train-timm_test_vit-ridge")
+    assert b.info["streamed"] and b.info["genes"] == a.info["genes"]
+    da, db = a.data(), b.data()
+    np.testing.assert_array_equal(da.ids, db.ids)
+    np.testing.assert_array_equal(da.fold, db.fold)  # the same outer folds
+    np.testing.assert_allclose(da.y, db.y)
+    # metrics from running sums equal metrics from arrays (on the streamed predictions)
+    from regress.metrics import evaluate, evaluate_by_fold
+
+    ref = evaluate(db.y, db.oof, b.genes)
+    ref.update(evaluate_by_fold(db.y, db.oof, db.fold))
+    for k in ("pcc_gene_mean", "pcc_gene_median", "pcc_tile_mean", "mse", "pcc_gene_mean_by_fold"):
+        assert b.metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    # the streamed refit = the in-memory ridge on all rows with its alphas chosen over the same (outer) folds
+    from sklearn.model_selection import PredefinedSplit
+
+    from regress.ridge import RidgeHead
+
+    X = read_cache(next(p for p in cache_dir.rglob("timm_test_vit-*.h5") if ".shard-" not in p.name)).features
+    ref_model = RidgeHead(cv=PredefinedSplit(db.fold)).fit(X, db.y)
+    pr = ref_model.predict(X)
+    assert np.abs(b.model().predict(X) - pr).max() <= 1e-4 * np.abs(pr).max()
+    assert run(["report", tmp_path / "str" / "train-timm_test_vit-ridge"]) == 0
+    assert run([*base, "--runs-dir", tmp_path / "x", "--stream", "--head", "pls"]) == 2
