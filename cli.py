@@ -55,6 +55,20 @@ def cmd_backbones(args) -> int:
 def cmd_embed(args) -> int:
     from featurize.extract import embed
 
+    if args.engine == "ray":
+        from featurize.ray_engine import embed_ray
+
+        if args.shard:
+            raise HexpressError("--shard is for one process of a job you schedule yourself; with --engine ray use --shards N.")
+        paths = embed_ray(args.data, args.backbone, address=args.address, shards=args.shards, progress=not args.quiet,
+                          wait_s=args.wait, weights=_weights_arg(args.weights, args.backbone),
+                          random_init=args.random_init, tta=args.tta, device=args.device, batch_size=args.batch_size,
+                          num_workers=args.workers, dtype=args.dtype, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+        for p in paths:
+            print(p)
+        return 0
+    if args.address or args.shards:
+        raise HexpressError("--address and --shards go with --engine ray.")
     paths = embed(
         args.data, args.backbone, weights=_weights_arg(args.weights, args.backbone), random_init=args.random_init,
         tta=args.tta, device=args.device, batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
@@ -470,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard", metavar="I/N", default=None,
                     help="embed only shard I of N (contiguous rows on batch boundaries) into its own cache file; the "
                          "process that completes the last shard merges them (or: cache merge)")
+    sp.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local: this process (default); ray: shards scheduled on a Ray cluster, one actor per GPU "
+                         "(or CPU slot), merged at the end (pip install -e \".[ray]\")")
+    sp.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto); default: a local Ray")
+    sp.add_argument("--shards", type=int, default=None, help="ray: how many shards (default: one per actor)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cache", help="list, inspect and verify embedding caches", description="Inspect caches.")

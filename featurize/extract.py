@@ -95,6 +95,23 @@ def collate(items):
     return rows, index, tensors, bad, digests, stats
 
 
+#: Models kept between embed calls of one process (``keep_models``), by (spec, weights, device).
+_MODELS: dict = {}
+
+
+def final_cache_paths(table: TileTable, backbones: Sequence[str], *, weights: dict[str, str] | None = None,
+                      random_init: bool = False, tta: int = 1, dtype: str = "float16", device: str = "auto",
+                      cache_dir: str | os.PathLike = "cache") -> list[Path]:
+    """The standard cache file each backbone's embedding of ``table`` goes to (nothing is embedded)."""
+    dev = resolve_device(device)
+    out = []
+    for name in dict.fromkeys(backbones):
+        spec = get_spec(name)
+        w = resolve_weights(spec, (weights or {}).get(name), random_init)
+        out.append(cache_path(cache_dir, CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec))))
+    return out
+
+
 @dataclass
 class _Job:
     spec: BackboneSpec
@@ -171,6 +188,7 @@ def embed(
     wait_s: float = 0.0,
     max_batches: int | None = None,
     shard: tuple[int, int] | None = None,
+    keep_models: bool = False,
 ) -> list[Path]:
     """Embed every tile of ``data`` with each backbone; returns the cache paths.
 
@@ -251,7 +269,12 @@ def embed(
         if not todo:
             return [j.final for j in jobs]
         for job in todo:
-            job.model = create_backbone(job.spec, job.weights).to(dev)
+            mkey = (job.spec, job.weights, str(dev))
+            job.model = _MODELS.get(mkey) if keep_models else None
+            if job.model is None:
+                job.model = create_backbone(job.spec, job.weights).to(dev)
+                if keep_models:
+                    _MODELS[mkey] = job.model
             job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim, paths=paths,
                                      extra_attrs=shard_attrs)
             stack.callback(job.writer.close)

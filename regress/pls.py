@@ -170,6 +170,98 @@ class PLSHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         self.intercept_ = intercept if not self._y_1d else float(intercept[0])
         return self
 
+    # ------------------------------------------------------------------ streaming fit
+    def fit_chunks(self, chunks, n: int, groups=None, folds=None):
+        """The same fit from row chunks (see :meth:`regress.ridge.RidgeHead.fit_chunks`; primal case).
+
+        Kernel PLS needs only the standardised cross-products of the training
+        rows, and the validation scores only products of the validation part's
+        sums with the rotations (:math:`T = X^{val}_s R`: :math:`1^\top T`,
+        :math:`T^\top T`, :math:`T^\top Y^{val}`), so per-fold sufficient
+        statistics of the globally centred data suffice.  ``fold_models_``: per
+        fold, the model without it, its component counts chosen over the other
+        folds (nested).
+        """
+        from regress.ridge import _chunk_fold_stats
+
+        self._check_params()
+        st = _chunk_fold_stats(chunks, n, self.cv, groups, self.random_state, folds, scale_y=False)
+        G, C, fsx, fsy, fsyy, fn, folds, x_mean, y_mean = st
+        n_folds, d, g = G.shape[0], G.shape[1], C.shape[2]
+        if n <= d:
+            raise UsageError(f"the streaming PLS fit needs more rows than features ({n} <= {d}); fit in memory.")
+        grid = sorted({min(int(k), d, n - 1) for k in np.atleast_1d(self.n_components)})
+        self._y_1d = False
+
+        def stats(without):
+            keep = [f for f in range(n_folds) if f not in without]
+            return G[keep].sum(0), C[keep].sum(0), fsx[keep].sum(0), fsy[keep].sum(0), fsyy[keep].sum(0), int(fn[keep].sum())
+
+        def model(train, k):
+            Gt, Ct, sx, sy, syy, nt = train
+            mx, my = sx / nt, sy / nt
+            xs = scale_or_one(x_mean + mx, np.sqrt(np.maximum(np.diag(Gt) / nt - mx * mx, 0.0)))[0]
+            ys = scale_or_one(y_mean + my, np.sqrt(np.maximum(syy / nt - my * my, 0.0)))[0]
+            if not self.scale:
+                xs, ys = np.ones_like(xs), np.ones_like(ys)
+            Cs = (Gt - nt * np.outer(mx, mx)) / np.outer(xs, xs)
+            Ss = (Ct - nt * np.outer(mx, my)) / np.outer(xs, ys)
+            R, Q, k_fit = kernel_pls(Cs, Ss.astype(np.float32).astype(np.float64), k)
+            return R, Q, k_fit, mx, my, xs, ys
+
+        def sums(train, h):
+            R, Q, k_fit, mx, my, xs, ys = model(train, grid[-1])
+            Gv, Cv, sxv, syv, n_v = G[h], C[h], fsx[h], fsy[h], int(fn[h])
+            t1 = ((sxv - n_v * mx) / xs) @ R
+            TT = R.T @ ((Gv - np.outer(mx, sxv) - np.outer(sxv, mx) + n_v * np.outer(mx, mx)) / np.outer(xs, xs)) @ R
+            TY = R.T @ ((Cv - np.outer(mx, syv)) / xs[:, None])
+            S_p, S_pp, S_py = (np.zeros((len(grid), g)) for _ in range(3))
+            for a, k in enumerate(grid):
+                k = min(k, k_fit)
+                Qk = Q[:, :k]
+                lin1 = (t1[:k] @ Qk.T) * ys  # sum over rows of ys * T Q'
+                quad = np.einsum("jk,kl,jl->j", Qk, TT[:k, :k], Qk) * ys * ys
+                S_p[a] = n_v * my + lin1
+                S_pp[a] = n_v * my * my + 2 * my * lin1 + quad
+                S_py[a] = my * syv + ys * np.einsum("kj,jk->j", TY[:k], Qk)
+            return S_p, S_pp, S_py, syv, fsyy[h], n_v
+
+        def choose(without):
+            parts = [sums(stats(set(without) | {h}), h) for h in range(n_folds) if h not in without]
+            return best_index(pooled_scores(*(sum(c) for c in zip(*parts)), self.scoring), self.per_target)
+
+        if len(grid) > 1:
+            parts = [sums(stats({f}), f) for f in range(n_folds)]
+            self.cv_scores_ = pooled_scores(*(sum(c) for c in zip(*parts)), self.scoring)
+            idx = best_index(self.cv_scores_, self.per_target)
+        else:
+            self.cv_scores_ = None
+            idx = np.zeros(g, dtype=int)
+        self.inner_cv_grouped_ = inner_groups(groups) is not None
+
+        def coef_of(train, idx_):
+            k_gene = np.asarray(grid)[idx_]
+            R, Q, k_fit, mx, my, xs, ys = model(train, int(max(k_gene)))
+            k_gene = np.minimum(k_gene, k_fit)
+            coef = np.zeros((d, g))
+            for k in np.unique(k_gene):
+                cols = np.flatnonzero(k_gene == k)
+                coef[:, cols] = R[:, :k] @ Q[cols, :k].T
+            coef = coef * ys[None, :] / xs[:, None]
+            return coef, (y_mean + my) - (x_mean + mx) @ coef, k_gene
+
+        coef, intercept, k_gene = coef_of(stats(set()), idx)
+        self.n_components_ = k_gene
+        self.coef_, self.intercept_ = coef.T, intercept
+        self.n_features_in_ = d
+        self.fold_models_ = []
+        for f in range(n_folds):
+            idx_f = choose({f}) if len(grid) > 1 and n_folds >= 3 else idx
+            c_f, b_f, _ = coef_of(stats({f}), idx_f)
+            self.fold_models_.append((c_f, b_f))
+        self.folds_ = folds
+        return self
+
     def _fit_stats(self, X, Y, k):
         xm, xs = column_moments(X)
         ym, ys = column_moments(Y)

@@ -215,47 +215,13 @@ class RidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         if self.cv == "gcv" or self.n_components is not None or not self.fit_intercept:
             raise UsageError("the streaming ridge fit supports K-fold CV with an intercept and no PCA "
                              "(cv=int, n_components=None, fit_intercept=True).")
-        if folds is None:
-            folds = np.empty(n, dtype=np.int64)
-            for f, (_, val) in enumerate(make_splits(n, self.cv, inner_groups(groups), self.random_state)):
-                folds[val] = f
-        folds = np.asarray(folds, dtype=np.int64)
-        n_folds = int(folds.max()) + 1
-        # pass 1: global means and gene scales
-        sx = sy = syy = None
-        rows = 0
-        for _, Xb, Yb in chunks():
-            Xb, Yb = np.asarray(Xb, np.float64), np.asarray(Yb, np.float64).reshape(len(Xb), -1)
-            sx = Xb.sum(0) if sx is None else sx + Xb.sum(0)
-            sy = Yb.sum(0) if sy is None else sy + Yb.sum(0)
-            syy = (Yb * Yb).sum(0) if syy is None else syy + (Yb * Yb).sum(0)
-            rows += len(Xb)
-        if rows != n:
-            raise UsageError(f"the chunks hold {rows} rows, not {n}.")
-        d, g = sx.shape[0], sy.shape[0]
+        G, C, fsx, fsy, fsyy, fn, folds, x_mean, y_mean, y_std, constant = _chunk_fold_stats(
+            chunks, n, self.cv, groups, self.random_state, folds)
+        n_folds, d, g = G.shape[0], G.shape[1], C.shape[2]
         if n < d:
             raise UsageError(f"the streaming ridge fit needs more rows than features ({n} <= {d}); fit in memory.")
-        x_mean, y_mean = sx / n, sy / n
-        y_std, constant = scale_or_one(y_mean, np.sqrt(np.maximum(syy / n - y_mean ** 2, 0.0)))
         self.constant_targets_ = np.flatnonzero(constant)
         alphas = self._alpha_grid(d, g)
-        # pass 2: per-fold sums of centred X and standardised Y
-        G = np.zeros((n_folds, d, d))
-        C = np.zeros((n_folds, d, g))
-        fsx, fsy, fsyy = np.zeros((n_folds, d)), np.zeros((n_folds, g)), np.zeros((n_folds, g))
-        fn = np.bincount(folds, minlength=n_folds)
-        for start, Xb, Yb in chunks():
-            Xc = np.asarray(Xb, np.float64) - x_mean
-            Ys = (np.asarray(Yb, np.float64).reshape(len(Xc), -1) - y_mean) / y_std
-            fb = folds[start:start + len(Xc)]
-            for f in np.unique(fb):
-                m = fb == f
-                Xf, Yf = Xc[m], Ys[m]
-                G[f] += Xf.T @ Xf
-                C[f] += Xf.T @ Yf
-                fsx[f] += Xf.sum(0)
-                fsy[f] += Yf.sum(0)
-                fsyy[f] += (Yf * Yf).sum(0)
         be = get_backend("cpu")
         Gt, Ct, sxt = G.sum(0), C.sum(0), fsx.sum(0)
         self._fold_parts = []
@@ -459,6 +425,52 @@ def _standardized(Y: np.ndarray, mean: np.ndarray, std: np.ndarray, order=None, 
         blk = Y[i:i + rows] if order is None else Y[order[i:i + rows]]
         out[i:i + rows] = (blk - mean) / std
     return out
+
+
+def _chunk_fold_stats(chunks, n, cv, groups, random_state, folds=None, scale_y=True):
+    """Two passes over row chunks: global means (and gene scales), then per-fold sums of the centred data.
+
+    Returns ``(G, C, sx, sy, syy, counts, folds, x_mean, y_mean[, y_std])`` with per-fold
+    X'X, X'Y, column sums of X, Y and Y^2 (fold first), where Y is centred (``scale_y``:
+    and standardised by its global scale).  Shared by the streaming ridge and PLS fits.
+    """
+    if folds is None:
+        folds = np.empty(n, dtype=np.int64)
+        for f, (_, val) in enumerate(make_splits(n, cv, inner_groups(groups), random_state)):
+            folds[val] = f
+    folds = np.asarray(folds, dtype=np.int64)
+    n_folds = int(folds.max()) + 1
+    sx = sy = syy = None
+    rows = 0
+    for _, Xb, Yb in chunks():
+        Xb, Yb = np.asarray(Xb, np.float64), np.asarray(Yb, np.float64).reshape(len(Xb), -1)
+        sx = Xb.sum(0) if sx is None else sx + Xb.sum(0)
+        sy = Yb.sum(0) if sy is None else sy + Yb.sum(0)
+        syy = (Yb * Yb).sum(0) if syy is None else syy + (Yb * Yb).sum(0)
+        rows += len(Xb)
+    if rows != n:
+        raise UsageError(f"the chunks hold {rows} rows, not {n}.")
+    d, g = sx.shape[0], sy.shape[0]
+    x_mean, y_mean = sx / n, sy / n
+    y_std, constant = scale_or_one(y_mean, np.sqrt(np.maximum(syy / n - y_mean ** 2, 0.0)))
+    div = y_std if scale_y else np.ones(g)
+    G, C = np.zeros((n_folds, d, d)), np.zeros((n_folds, d, g))
+    fsx, fsy, fsyy = np.zeros((n_folds, d)), np.zeros((n_folds, g)), np.zeros((n_folds, g))
+    for start, Xb, Yb in chunks():
+        Xc = np.asarray(Xb, np.float64) - x_mean
+        Ys = (np.asarray(Yb, np.float64).reshape(len(Xc), -1) - y_mean) / div
+        fb = folds[start:start + len(Xc)]
+        for f in np.unique(fb):
+            m = fb == f
+            Xf, Yf = Xc[m], Ys[m]
+            G[f] += Xf.T @ Xf
+            C[f] += Xf.T @ Yf
+            fsx[f] += Xf.sum(0)
+            fsy[f] += Yf.sum(0)
+            fsyy[f] += (Yf * Yf).sum(0)
+    fn = np.bincount(folds, minlength=n_folds)
+    out = (G, C, fsx, fsy, fsyy, fn, folds, x_mean, y_mean)
+    return out + ((y_std, constant) if scale_y else ())
 
 
 def _contiguous_folds(splits, n: int):

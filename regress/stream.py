@@ -196,13 +196,14 @@ def should_stream(n: int, d: int, g: int) -> bool:
 
 
 def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: bool, n_folds: int, seed: int, log=print):
-    """Fit ``head`` (a RidgeHead) from the files with ``n_folds`` outer CV folds (split as in-memory ``fit``
+    """Fit ``head`` (a RidgeHead or PLSHead) from the files with ``n_folds`` outer CV folds (split as in-memory ``fit``
     splits them); returns (oof writer for the run folder, metrics accumulator, genes, n).  Each fold's
     out-of-fold model chose its alphas by CV over the other folds (nested)."""
+    from regress.pls import PLSHead
     from regress.ridge import RidgeHead
 
-    if not isinstance(head, RidgeHead):
-        raise UsageError("--stream fits ridge heads only (ridge, ridge-pcc); fit the others in memory.")
+    if not isinstance(head, (RidgeHead, PLSHead)):
+        raise UsageError("--stream fits ridge and PLS heads (ridge, ridge-pcc, pls); fit the others in memory.")
     n, d, chunks = feature_chunks(caches, targets)
     with h5py.File(targets, "r") as ft:
         genes = list(ft["genes"].asstr()[()])

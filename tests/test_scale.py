@@ -168,6 +168,28 @@ def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
     assert list(got.constant_targets_) == [3]
 
 
+@pytest.mark.parametrize("kw", [{}, {"scoring": "pcc"}, {"n_components": 4}, {"scale": False}])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_streaming_pls_equals_the_in_memory_fit(kw, grouped):
+    from regress.pls import PLSHead
+
+    rng = np.random.default_rng(2)
+    n, d, g = 540, 24, 9
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :5] @ rng.standard_normal((5, g)) + 2 * rng.standard_normal((n, g)) + 7
+    groups = np.repeat(np.arange(6), 90) if grouped else None
+    ref = PLSHead(random_state=0, **kw).fit(X, Y, groups=groups)
+
+    def chunks():
+        for s in range(0, n, 64):
+            yield s, X[s:s + 64], Y[s:s + 64]
+
+    got = PLSHead(random_state=0, **kw).fit_chunks(chunks, n, groups=groups)
+    pr = ref.predict(X)
+    assert np.abs(got.predict(X) - pr).max() <= 1e-5 * np.abs(pr).max()
+    np.testing.assert_array_equal(np.atleast_1d(ref.n_components_), np.atleast_1d(got.n_components_))
+
+
 def test_streaming_ridge_refuses_what_it_does_not_do():
     from featurize.errors import UsageError
     from regress.ridge import RidgeHead
@@ -219,4 +241,17 @@ def test_fit_stream_writes_a_run_like_the_in_memory_fit(tmp_path):
     pr = ref_model.predict(X)
     assert np.abs(b.model().predict(X) - pr).max() <= 1e-4 * np.abs(pr).max()
     assert run(["report", tmp_path / "str" / "train-timm_test_vit-ridge"]) == 0
-    assert run([*base, "--runs-dir", tmp_path / "x", "--stream", "--head", "pls"]) == 2
+    assert run([*base, "--runs-dir", tmp_path / "p", "--stream", "--head", "pls"]) == 0
+    assert run([*base, "--runs-dir", tmp_path / "x", "--stream", "--head", "mlp"]) == 2
+
+
+def test_engine_ray_without_ray_is_one_line_saying_how_to_install(syn_table, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert run(["embed", "--data", syn_table, "--backbone", "timm:test_vit", "--random-init", "--engine", "ray",
+                "--cache-dir", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[ray]"' in err
+    assert run(["embed", "--data", syn_table, "--backbone", "timm:test_vit", "--shards", "3", "--cache-dir",
+                tmp_path]) == 2 and "--engine ray" in capsys.readouterr().err
