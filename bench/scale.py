@@ -101,6 +101,39 @@ def shard_bench(tiles: int, shards: int, work: Path) -> dict:
             "shards_parallel_plus_merge_s": round(sharded_s, 1), "same_features": same}
 
 
+def merge_bench(rows: int, dim: int, shards: int, work: Path) -> dict:
+    """Time merge_shards on shard files of ``rows`` random float16 features in total (I/O-bound)."""
+    from featurize.backbones import get_spec
+    from featurize.cache import CacheKey, CacheWriter, cache_path
+    from featurize.shards import merge_shards, shard_path
+    from featurize.weights import ResolvedWeights
+
+    spec = get_spec("efficientnet_lite0")
+    key = CacheKey("merge", spec, ResolvedWeights("random-init", None, None, True), 1, "float16")
+    final = cache_path(work, key)
+    rng = np.random.default_rng(0)
+    bounds = np.linspace(0, rows, shards + 1).astype(int)
+    for i in range(shards):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        ids = np.array([f"t{k}" for k in range(a, b)])
+        w = CacheWriter(shard_path(final, i, shards), key, ids, dim, paths=[f"/t/{k}.png" for k in range(a, b)],
+                        extra_attrs={"shard_index": i, "shard_count": shards, "shard_start": a, "shard_stop": b,
+                                     "table_rows": rows, "table_row_fingerprint": "x", "batch_size": 64})
+        w.open()
+        for s in range(0, b - a, 50_000):
+            e = min(s + 50_000, b - a)
+            w.write(np.arange(s, e), rng.standard_normal((e - s, dim), dtype=np.float32), None,
+                    ["0" * 64] * (e - s), np.zeros((e - s, 2), np.int64))
+        w.finalize()
+        w.close()
+    t0 = time.perf_counter()
+    merge_shards(final)
+    seconds = time.perf_counter() - t0
+    mb = rows * dim * 2 / 2**20
+    return {"merge_rows": rows, "dim": dim, "shards": shards, "features_mb": round(mb), "merge_s": round(seconds, 1),
+            "merge_mb_s": round(mb / seconds)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="100000,500000")
@@ -109,6 +142,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--tiles", type=int, default=512)
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--merge-rows", type=int, default=200_000, help="rows of the merge timing (0: skip)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,10 +162,17 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             shard = shard_bench(args.tiles, args.shards, Path(tmp))
         print(json.dumps(shard), flush=True)
+    merge = None
+    if args.merge_rows:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merge = merge_bench(args.merge_rows, 1280, 4, Path(tmp))
+        print(json.dumps(merge), flush=True)
     meta = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "python": sys.version.split()[0]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"ridge": rows, "shards": shard, "meta": meta}, indent=1))
+        Path(args.json).write_text(json.dumps({"ridge": rows, "shards": shard, "merge": merge, "meta": meta}, indent=1))
     print(json.dumps(meta))
     return 0
 

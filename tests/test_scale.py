@@ -143,28 +143,35 @@ def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_p
 
 
 # ------------------------------------------------------------------ heads that stream
+def _stream_vs_memory(cls, kw, grouped, seed, attr, constant_gene=False):
+    """fit_chunks against fit on the same data: predictions to rounding, the same per-gene choice."""
+    rng = np.random.default_rng(seed)
+    n, d, g = 540, 24, 9
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
+    Y = X[:, :5] @ rng.standard_normal((5, g)) + 2 * rng.standard_normal((n, g)) + 7
+    if constant_gene:
+        Y[:, 3] = 1.5
+    groups = np.repeat(np.arange(6), 90) if grouped else None
+    ref = cls(random_state=0, **kw).fit(X, Y, groups=groups)
+
+    def chunks():
+        for s in range(0, n, 64):
+            yield s, X[s:s + 64], Y[s:s + 64]
+
+    got = cls(random_state=0, **kw).fit_chunks(chunks, n, groups=groups)
+    pr = ref.predict(X)
+    assert np.abs(got.predict(X) - pr).max() <= 1e-5 * np.abs(pr).max()
+    np.testing.assert_array_equal(np.atleast_1d(getattr(ref, attr)), np.atleast_1d(getattr(got, attr)))
+    return got
+
+
 @pytest.mark.parametrize("kw", [{}, {"scoring": "pcc"}, {"standardize": False}, {"alpha_per_target": False},
                                 {"alphas": (3.0,)}, {"cv": 3}])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
     from regress.ridge import RidgeHead
 
-    rng = np.random.default_rng(1)
-    n, d, g = 540, 24, 9
-    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
-    Y = X[:, :5] @ rng.standard_normal((5, g)) + 2 * rng.standard_normal((n, g)) + 7
-    Y[:, 3] = 1.5  # a constant gene
-    groups = np.repeat(np.arange(6), 90) if grouped else None
-    ref = RidgeHead(random_state=0, **kw).fit(X, Y, groups=groups)
-
-    def chunks():
-        for s in range(0, n, 64):
-            yield s, X[s:s + 64], Y[s:s + 64]
-
-    got = RidgeHead(random_state=0, **kw).fit_chunks(chunks, n, groups=groups)
-    pr, pg = ref.predict(X), got.predict(X)
-    assert np.abs(pr - pg).max() <= 1e-5 * np.abs(pr).max()
-    np.testing.assert_array_equal(np.atleast_1d(ref.alpha_), np.atleast_1d(got.alpha_))
+    got = _stream_vs_memory(RidgeHead, kw, grouped, 1, "alpha_", constant_gene=True)
     assert list(got.constant_targets_) == [3]
 
 
@@ -173,21 +180,7 @@ def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
 def test_streaming_pls_equals_the_in_memory_fit(kw, grouped):
     from regress.pls import PLSHead
 
-    rng = np.random.default_rng(2)
-    n, d, g = 540, 24, 9
-    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 4, d) + rng.uniform(-3, 3, d)
-    Y = X[:, :5] @ rng.standard_normal((5, g)) + 2 * rng.standard_normal((n, g)) + 7
-    groups = np.repeat(np.arange(6), 90) if grouped else None
-    ref = PLSHead(random_state=0, **kw).fit(X, Y, groups=groups)
-
-    def chunks():
-        for s in range(0, n, 64):
-            yield s, X[s:s + 64], Y[s:s + 64]
-
-    got = PLSHead(random_state=0, **kw).fit_chunks(chunks, n, groups=groups)
-    pr = ref.predict(X)
-    assert np.abs(got.predict(X) - pr).max() <= 1e-5 * np.abs(pr).max()
-    np.testing.assert_array_equal(np.atleast_1d(ref.n_components_), np.atleast_1d(got.n_components_))
+    _stream_vs_memory(PLSHead, kw, grouped, 2, "n_components_")
 
 
 def test_streaming_ridge_refuses_what_it_does_not_do():
