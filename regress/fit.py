@@ -41,7 +41,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
             command: str | None = None, log=print, training: TrainingData | None = None,
             context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
-            stream: bool | None = None) -> RunResult:
+            stream: bool | None = None, smooth: int = 0) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
 
     An existing folder of the same name with another identity (different
@@ -49,7 +49,9 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     unless ``overwrite``.  ``stream`` fits from disk in row chunks (:mod:`regress.stream`; ridge heads);
     ``None`` chooses it when the table file alone is larger than half the machine's memory.
     """
-    if training is None and (stream or (stream is None and _too_big(data))):
+    if smooth and stream:
+        raise UsageError("--smooth needs the predictions in memory; drop --stream.")
+    if training is None and (stream or (stream is None and not smooth and _too_big(data))):
         return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
                                   cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
@@ -79,13 +81,30 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "head": {"name": head, "params": {k: repr(v) for k, v in params.items()}},
         "folds": {"n": folds, "seed": seed, "grouped": groups is not None},
         "context": context,
+        **({"smooth": smooth} if smooth else {}),
     }
-    name = name or run_name(td, head, context)
+    if smooth and td.xy is None:
+        raise UsageError(f"{td.table.source}: --smooth needs x and y columns (tile centres) in the tile table.")
+    name = name or run_name(td, head, context) + (f"-smooth{smooth}" if smooth else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
     t0 = time.perf_counter()
+    smooth_info = None
     try:
-        oof = cross_val_predict_groups(est, td.X, td.Y, splits, groups,
-                                       on_fold=lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s"))
+        on_fold = lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s")  # noqa: E731
+        if smooth:
+            from regress.context import neighbour_mean
+            from regress.smooth import choose_lambdas, smoothed_cv
+
+            raw, oof, fold_lams = smoothed_cv(est, td.X, td.Y, splits, groups, td.xy, td.slides, smooth, 5, seed,
+                                              str(td.table.source), on_fold)
+            final_lam = choose_lambdas(td.Y, raw, neighbour_mean(raw, td.xy, td.slides, smooth), fold_of)
+            raw_m = evaluate(td.Y, raw, td.table.genes)
+            raw_m.update(evaluate_by_fold(td.Y, raw, fold_of))
+            smooth_info = {"k": smooth, "lambdas": final_lam.tolist(), "lambda_mean": float(final_lam.mean()),
+                           "fold_lambda_means": fold_lams.mean(1).tolist(),
+                           "unsmoothed": {k: raw_m[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold")}}
+        else:
+            oof = cross_val_predict_groups(est, td.X, td.Y, splits, groups, on_fold=on_fold)
         cv_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         model = make_head(head, device, seed, head_params)
@@ -115,6 +134,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "context": context,
         "folds": {"n": len(splits), "seed": seed, "grouped": groups is not None},
         "genes": td.table.genes,
+        **({"smooth": smooth_info} if smooth_info else {}),
         "gene_names": [symbols.get(g, g) for g in td.table.genes],
         "tile_um": tile_um_of(sidecar),
         "slide_images": slide_images_of(sidecar),

@@ -85,7 +85,15 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
     preds = []
     for run, model in zip(runs, models):
         X = _features_for(run, test, cache_dir, device, batch_size, log)
-        preds.append(np.asarray(model.predict(X), dtype=np.float64).reshape(len(test), -1))
+        P_run = np.asarray(model.predict(X), dtype=np.float64).reshape(len(test), -1)
+        sm = run.info.get("smooth")
+        if sm:  # the run's spatial smoothing, with the test tiles' own neighbours
+            from regress.context import neighbour_mean
+            from regress.smooth import smooth
+
+            P_run = smooth(P_run, neighbour_mean(P_run, test.xy, test.slides, int(sm["k"]), str(test.source),
+                                                 "a run fitted with --smooth"), np.asarray(sm["lambdas"]))
+        preds.append(P_run)
     P = stack.predict(preds) if stack is not None else preds[0]
     if P.shape != (len(test), len(genes)):
         raise RunError(f"{model_path}: predictions have shape {P.shape}, expected {(len(test), len(genes))}.")

