@@ -1,9 +1,7 @@
 """Spatial smoothing of predictions: strength chosen by inner CV, no leakage from the held-out slide."""
-import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 import cli
 from regress.context import neighbour_mean
