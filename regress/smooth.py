@@ -47,7 +47,7 @@ def smoothed_cv(estimator, X, Y, splits, groups, xy, slides, k: int, inner_folds
 
     from sklearn.base import clone
 
-    from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
+    from regress.cv import accepts_groups, cross_val_predict_groups, inner_groups, make_splits
 
     raw = np.zeros(Y.shape, dtype=np.float64)
     out = np.zeros(Y.shape, dtype=np.float64)
@@ -55,9 +55,10 @@ def smoothed_cv(estimator, X, Y, splits, groups, xy, slides, k: int, inner_folds
     for i, (tr, va) in enumerate(splits):
         t0 = time.perf_counter()
         g_tr = None if groups is None else np.asarray(groups)[tr]
-        n_inner = inner_folds if g_tr is None else min(inner_folds, len(np.unique(g_tr)))
-        inner = make_splits(len(tr), n_inner, g_tr, seed)
-        p_in = cross_val_predict_groups(estimator, X[tr], Y[tr], inner, g_tr).astype(np.float64)
+        g_in = inner_groups(g_tr)  # one training group left (two slides in all): plain K-fold inside it
+        n_inner = inner_folds if g_in is None else min(inner_folds, len(np.unique(g_in)))
+        inner = make_splits(len(tr), n_inner, g_in, seed)
+        p_in = cross_val_predict_groups(estimator, X[tr], Y[tr], inner, g_in).astype(np.float64)
         f_in = np.zeros(len(tr), int)
         for j, (_, v) in enumerate(inner):
             f_in[v] = j
