@@ -102,7 +102,7 @@ def cmd_cache(args) -> int:
             from featurize.table import read_table
 
             table = read_table(args.data, check_files=False)
-        print(merge_shards(final, table))
+        print(merge_shards(final, table, keep_shards=args.keep_shards))
         return 0
     if args.cache_cmd == "ls":
         rows = list_caches(args.cache_dir)
@@ -503,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("merge", help="merge the shard caches of embed --shard into the standard cache")
     c.add_argument("file", help="any shard file (<name>.shard-I-of-N.h5) or the cache file to produce (<name>.h5)")
     c.add_argument("--data", default=None, help="the tile table, to check that the shards were cut from it")
+    c.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging (default: delete them)")
     sp.set_defaults(func=cmd_cache)
 
     def fit_args(sp):

@@ -63,7 +63,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
             for f in finals:  # one driver per cache: the second is refused (or waits with --wait)
                 f.parent.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(file_lock(f.with_name(f.name + ".driver.lock"), wait_s))
-            if all(f.exists() for f in finals):
+            if all(_fresh(f, table) for f in finals):  # every cache already holds these rows, unchanged
                 return finals
             res = ray.cluster_resources()
             gpus = int(res.get("GPU", 0))
@@ -118,6 +118,25 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
     finally:
         if started:
             ray.shutdown()
+
+
+def _fresh(final: Path, table) -> bool:
+    """True when ``final`` is a complete cache serving ``table`` row for row (IDs and tile content)."""
+    import h5py
+
+    from featurize.cache import _rows_of, read_attrs
+    from featurize.digests import plan_rows
+    from featurize.errors import CacheError
+
+    try:
+        if not final.exists() or not read_attrs(final).get("complete"):
+            return False
+        with h5py.File(final, "r") as fh:
+            n_cached = fh["ids"].shape[0]
+            plan = plan_rows(table.ids, table.sources, *_rows_of(fh))
+    except (CacheError, OSError):
+        return False
+    return plan.identical(n_cached)
 
 
 class _ShardActor:

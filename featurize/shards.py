@@ -17,7 +17,8 @@ every shard present once, complete, of the same key, table and batch size,
 covering the rows in order, with finite features; anything else is refused
 naming the shard.  The merged file is written through :class:`CacheWriter`,
 so it is the file a single process writes (ids, paths, digests, stats,
-features, valid, attributes other than timing).
+features, valid, attributes other than timing); the shard files are then
+deleted (``keep_shards`` keeps them).
 """
 from __future__ import annotations
 
@@ -76,8 +77,12 @@ def ready_to_merge(final: Path) -> bool:
     return all((i, n) in files and not partial_path(files[(i, n)]).exists() for i in range(n))
 
 
-def merge_shards(final: Path, table=None) -> Path:
-    """Check the shards of ``final`` and write ``final`` from them (see the module docstring)."""
+def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
+    """Check the shards of ``final`` and write ``final`` from them (see the module docstring).
+
+    The shard files are deleted once the merged file is complete (they would double the storage),
+    unless ``keep_shards``.
+    """
     final = Path(final)
     files = shard_files(final)
     if not files:
@@ -145,4 +150,9 @@ def merge_shards(final: Path, table=None) -> Path:
         out = writer.finalize()
     finally:
         writer.close()
+    if not keep_shards:
+        for p, _ in metas:
+            for extra in (p, p.with_name(p.name + ".lock"), p.with_name(p.name + ".skipped.txt")):
+                if extra.exists():
+                    extra.unlink()
     return out

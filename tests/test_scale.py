@@ -57,6 +57,7 @@ def test_shards_then_merge_give_the_bytes_of_one_process(syn_table, tmp_path):
     assert merged.name == one.name and merged.exists()
     assert ".shard-" in outs[0].name and ".shard-" in outs[1].name
     _same_file(one, merged)
+    assert not list(merged.parent.glob("*.shard-*"))  # merged: the shards (and their locks) are gone
     assert len(read_cache(merged).ids) == 48
 
 
@@ -96,15 +97,25 @@ def test_cli_shards_and_merge(syn_table, tmp_path, capsys):
             "--cache-dir", tmp_path, "--workers", "0", "--batch-size", "16"]
     assert run([*base, "--shard", "0/2"]) == 0
     assert run([*base, "--shard", "2/2"]) == 2 and "I/N" in capsys.readouterr().err
+    # shard 1 interrupted: the manual merge names it; finishing it merges
+    embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path, shard=(1, 2), max_batches=1, **KW)
+    shard = next(tmp_path.rglob("*.shard-0000-of-0002.h5"))
+    assert run(["cache", "merge", shard, "--data", syn_table]) == 2
+    assert "shard 1 of 2 is incomplete" in capsys.readouterr().err
     assert run([*base, "--shard", "1/2"]) == 0
     merged = next(p for p in tmp_path.rglob("*.h5") if ".shard-" not in p.name)
-    assert run(["cache", "verify", merged]) == 0
-    merged.unlink()
-    shard = next(tmp_path.rglob("*.shard-0000-of-0002.h5"))
-    assert run(["cache", "merge", shard, "--data", syn_table]) == 0 and merged.exists()
-    from featurize.cache import load_features
+    assert run(["cache", "verify", merged]) == 0 and not list(tmp_path.rglob("*.shard-*"))
+    # --keep-shards: two complete shards made apart (so neither process merged), merged by hand and kept
+    for i in (0, 1):
+        embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / f"part{i}", shard=(i, 2), **KW)
+    (tmp_path / "k" / "train").mkdir(parents=True)
+    import shutil as sh
 
-    assert load_features(read_table(syn_table), "timm:test_vit", tmp_path).features.shape == (48, 64)
+    for f in tmp_path.glob("part*/train/*.shard-*.h5"):
+        sh.copy(f, tmp_path / "k" / "train" / f.name)
+    assert run(["cache", "merge", next((tmp_path / "k").rglob("*.shard-0001-of-0002.h5")), "--keep-shards"]) == 0
+    assert len(list((tmp_path / "k").rglob("*.shard-*.h5"))) == 2
+    _same_file(merged, next(p for p in (tmp_path / "k").rglob("*.h5") if ".shard-" not in p.name))
 
 
 # ------------------------------------------------------------------ packs
