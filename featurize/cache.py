@@ -144,8 +144,9 @@ class CacheWriter:
         self.reused = 0
 
     # -- opening -----------------------------------------------------------
-    def open(self, previous: Path | None = None) -> np.ndarray:
-        """Open (resuming when the partial file matches, reusing ``previous``); returns the rows to embed."""
+    def open(self, previous: Path | None = None, plan: RowPlan | None = None) -> np.ndarray:
+        """Open (resuming when the partial file matches, reusing ``previous``, whose row plan the caller
+        may already hold); returns the rows to embed."""
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             try:
@@ -177,15 +178,16 @@ class CacheWriter:
             self.partial.unlink()
         self._fh = self._create()
         if previous is not None:
-            self._reuse(previous)
+            self._reuse(previous, plan)
         return np.flatnonzero(~self._fh["done"][()])
 
-    def _reuse(self, previous: Path) -> None:
+    def _reuse(self, previous: Path, plan: RowPlan | None = None) -> None:
         """Copy the rows of a complete cache (same key) whose ID and tile content still match."""
         try:
             with h5py.File(previous, "r") as old:
                 ids, digests, stats = _rows_of(old)
-                plan = plan_rows(self.ids, self.paths, ids, digests, stats)
+                if plan is None:
+                    plan = plan_rows(self.ids, self.paths, ids, digests, stats)
                 rows = np.flatnonzero(plan.source >= 0)
                 fh = self._fh
                 for s in range(0, len(rows), 4096):
@@ -419,6 +421,16 @@ def plan_for(table, path: Path) -> RowPlan:
         return plan_rows(table.ids, table.sources, ids, digests, stats)
 
     return table.memo(("plan", str(Path(path).resolve()), Path(path).stat().st_mtime_ns), compute)
+
+
+def plan_if_complete(table, path: Path) -> RowPlan | None:
+    """The row plan of ``path`` for ``table`` when it is a complete, readable cache; else None."""
+    try:
+        if not Path(path).exists() or not read_attrs(path).get("complete"):
+            return None
+        return plan_for(table, path)
+    except (CacheError, OSError):
+        return None
 
 
 def _rebuild_hint(table, attrs: dict[str, Any]) -> str:

@@ -107,14 +107,15 @@ class RowPlan:
     changed: list[int]  # table rows whose tile content differs from the cached digest
     new: list[int]  # table rows whose ID is not in the cache
     unverified: int  # rows reused although their tile is missing now (the digest cannot be checked)
+    n_cached: int  # rows in the cache
 
     @property
     def todo(self) -> np.ndarray:
         return np.flatnonzero(self.source < 0)
 
-    def identical(self, n_cached: int) -> bool:
+    def identical(self) -> bool:
         """True when the cache serves the table row for row, in order, with nothing to embed."""
-        return len(self.source) == n_cached and bool((self.source == np.arange(n_cached)).all())
+        return len(self.source) == self.n_cached and bool((self.source == np.arange(self.n_cached)).all())
 
 
 def plan_rows(ids: Sequence[str], paths: Sequence[Path], cached_ids: np.ndarray, cached_digests: np.ndarray,
@@ -151,4 +152,4 @@ def plan_rows(ids: Sequence[str], paths: Sequence[Path], cached_ids: np.ndarray,
             new_stats[j] = st
         else:
             changed.append(i)
-    return RowPlan(source, new_stats, changed, new, unverified)
+    return RowPlan(source, new_stats, changed, new, unverified, len(pos))

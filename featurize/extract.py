@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import BackboneSpec, get_spec
-from featurize.cache import CacheKey, CacheWriter, _rows_of, cache_path, lock_path, read_attrs, update_stats
+from featurize.cache import CacheKey, CacheWriter, cache_path, lock_path, plan_if_complete, update_stats
 from featurize.device import resolve_device
-from featurize.digests import NO_STAT, plan_rows, read_with_digest, split_source
+from featurize.digests import NO_STAT, read_with_digest, split_source
 from featurize.errors import CacheError, ImageError, UsageError
 from featurize.images import load_rgb
 from featurize.lock import file_lock
@@ -236,35 +236,25 @@ def embed(
 
     with ExitStack() as stack:
         todo: list[_Job] = []
-        previous: dict[str, Path | None] = {}
+        previous: dict[str, tuple[Path, Any] | None] = {}
         for job in jobs:
             stack.enter_context(file_lock(lock_path(job.final), wait_s))
             previous[job.spec.name] = None
             if job.final.exists():
-                try:
-                    complete = bool(read_attrs(job.final).get("complete"))
-                except CacheError:
-                    complete = False
-                if complete:
-                    import h5py
-
-                    with h5py.File(job.final, "r") as fh:
-                        plan = plan_rows(table.ids, paths, *_rows_of(fh))
-                        n_cached = fh["ids"].shape[0]
-                    if plan.identical(n_cached):
-                        update_stats(job.final, plan.new_stats)
-                        print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
-                        continue
-                    previous[job.spec.name] = job.final
+                plan = plan_if_complete(table, job.final)
+                if plan is not None and plan.identical():
+                    update_stats(job.final, plan.new_stats)
+                    print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
+                    continue
+                if plan is not None:  # its rows are reused, from this plan (tiles are not hashed twice)
+                    previous[job.spec.name] = (job.final, plan)
                 else:
                     job.final.unlink()
             elif shard is not None:  # a shard reuses the rows of an existing standard cache
                 whole = cache_path(cache_dir, job.key)
-                try:
-                    if whole.exists() and read_attrs(whole).get("complete"):
-                        previous[job.spec.name] = whole
-                except CacheError:
-                    pass
+                plan = plan_if_complete(table, whole)
+                if plan is not None:
+                    previous[job.spec.name] = (whole, plan)
             todo.append(job)
         if not todo:
             return [j.final for j in jobs]
@@ -279,7 +269,7 @@ def embed(
                                      extra_attrs=shard_attrs)
             stack.callback(job.writer.close)
             resumed = job.writer.partial.exists()
-            job.todo = job.writer.open(previous[job.spec.name])
+            job.todo = job.writer.open(*(previous[job.spec.name] or (None, None)))
             n_done = len(table) - len(job.todo)
             if resumed and n_done and len(job.todo):
                 print(f"[embed] {job.spec.name}: resuming at row {int(job.todo[0])} ({n_done} of {len(table)} rows done)",

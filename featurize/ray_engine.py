@@ -122,21 +122,10 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
 
 def _fresh(final: Path, table) -> bool:
     """True when ``final`` is a complete cache serving ``table`` row for row (IDs and tile content)."""
-    import h5py
+    from featurize.cache import plan_if_complete
 
-    from featurize.cache import _rows_of, read_attrs
-    from featurize.digests import plan_rows
-    from featurize.errors import CacheError
-
-    try:
-        if not final.exists() or not read_attrs(final).get("complete"):
-            return False
-        with h5py.File(final, "r") as fh:
-            n_cached = fh["ids"].shape[0]
-            plan = plan_rows(table.ids, table.sources, *_rows_of(fh))
-    except (CacheError, OSError):
-        return False
-    return plan.identical(n_cached)
+    plan = plan_if_complete(table, final)
+    return plan is not None and plan.identical()
 
 
 class _ShardActor:

@@ -98,6 +98,8 @@ def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
         what = f"shard {missing[0]} of {n} is " + ("incomplete (only its .partial file exists)" if missing[0] in part else "missing")
         raise CacheError(f"{final}: {what}; run `embed --shard {missing[0]}/{n}` (it resumes) and merge again.")
     metas = []
+    ids, paths, digests, stats = [], [], [], []
+    dim = None
     for i in range(n):
         p = files[(i, n)]
         try:
@@ -105,6 +107,11 @@ def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
                 a = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
                 bad = sum(int((~np.isfinite(fh["features"][s:s + 4096])).any(axis=1).sum())
                           for s in range(0, fh["features"].shape[0], 4096))
+                ids.extend(fh["ids"].asstr()[()])
+                paths.extend(fh["paths"].asstr()[()])
+                digests.extend(d.decode() for d in fh["digests"][()])
+                stats.append(fh["stats"][()])
+                dim = fh["features"].shape[1]
         except (OSError, KeyError) as exc:
             raise CacheError(f"{p}: damaged shard ({exc}); delete it and rerun `embed --shard {i}/{n}`.") from exc
         if not a.get("complete"):
@@ -124,15 +131,6 @@ def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
     if [e[0] for e in edges] != list(range(n)) or edges[0][1] != 0 or edges[-1][2] != a0["table_rows"] or \
             any(edges[k][2] != edges[k + 1][1] for k in range(n - 1)):
         raise CacheError(f"{final}: the shards do not cover the table's {a0['table_rows']} rows in order; re-embed them.")
-    ids, paths, digests, stats = [], [], [], []
-    dim = None
-    for p, _ in metas:
-        with h5py.File(p, "r") as fh:
-            ids.extend(fh["ids"].asstr()[()])
-            paths.extend(fh["paths"].asstr()[()])
-            digests.extend(d.decode() for d in fh["digests"][()])
-            stats.append(fh["stats"][()])
-            dim = fh["features"].shape[1]
     attrs = {k: v for k, v in a0.items() if k not in SHARD_ATTRS + _TIMING + ("rows_done", "complete", "table_fingerprint")}
     stats_all = np.concatenate(stats)
     writer = CacheWriter(final, None, np.asarray(ids), dim, paths=paths, attrs=attrs)

@@ -1,7 +1,6 @@
 """Fit a head on cached features with grouped CV and write a run folder (:mod:`regress.runs`)."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -19,7 +18,7 @@ from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
 from regress.heads import is_plugin, make_head
 from regress.metrics import evaluate, evaluate_by_fold
 from regress.runs import RUN_FORMAT, RunData, digest_array, identity_of, jsonable, refuse_other_identity, write_run
-from regress.training import TrainingData, load_training_data
+from regress.training import TrainingData, cache_info, load_training_data
 
 
 @dataclass
@@ -117,35 +116,43 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     oof = np.asarray(oof, dtype=np.float64).reshape(td.Y.shape)
     metrics = evaluate(td.Y, oof, td.table.genes)
     metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
-    sidecar = read_sidecar(td.table.source)
+    info = _run_info(td.table, len(td.ids), td.table.group_col if use_groups else None, td.caches, head, params,
+                     is_plugin(head), context, len(splits), seed, groups is not None, td.table.genes, identity_fields,
+                     metrics, cv_seconds, refit_seconds, command, **({"smooth": smooth_info} if smooth_info else {}))
+    data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
+    path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite)
+    return RunResult(path, metrics, cv_seconds, oof)
+
+
+def _run_info(table, n_used, group_col, caches, head, params, plugin, context, n_folds, seed, grouped, genes,
+              identity_fields, metrics, cv_seconds, refit_seconds, command, **extra) -> dict[str, Any]:
+    """run.json (the contract in :mod:`regress.runs`), for in-memory and streamed fits alike."""
+    sidecar = read_sidecar(table.source)
     symbols = (sidecar or {}).get("gene_names", {})
-    info = {
+    return {
         "format": RUN_FORMAT,
         "tool_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "identity": identity_of(identity_fields),
         "identity_fields": identity_fields,
-        "table": {"path": str(td.table.source), "fingerprint": td.table.fingerprint(), "n_rows": len(td.table),
-                  "n_used": len(td.ids), "group_col": td.table.group_col if use_groups else None},
-        "backbones": td.caches,
-        "random_init": any(c["random_init"] for c in td.caches),
-        "head": {"name": head, "params": params, "plugin": is_plugin(head)},
+        "table": {"path": str(table.source), "fingerprint": table.fingerprint(), "n_rows": len(table),
+                  "n_used": n_used, "group_col": group_col},
+        "backbones": caches,
+        "random_init": any(c["random_init"] for c in caches),
+        "head": {"name": head, "params": params, "plugin": plugin},
         "context": context,
-        "folds": {"n": len(splits), "seed": seed, "grouped": groups is not None},
-        "genes": td.table.genes,
-        **({"smooth": smooth_info} if smooth_info else {}),
-        "gene_names": [symbols.get(g, g) for g in td.table.genes],
+        "folds": {"n": n_folds, "seed": seed, "grouped": grouped},
+        "genes": list(genes),
+        "gene_names": [symbols.get(g, g) for g in genes],
         "tile_um": tile_um_of(sidecar),
         "slide_images": slide_images_of(sidecar),
         "cv_seconds": cv_seconds,
         "refit_seconds": refit_seconds,
         "summary": {k: metrics[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold", "pcc_gene_median",
                                             "pcc_tile_mean", "mse")},
+        **extra,
     }
-    data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
-    path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite)
-    return RunResult(path, metrics, cv_seconds, oof)
 
 
 def _too_big(data) -> bool:
@@ -172,14 +179,7 @@ def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_file
         raise UsageError("name the features to fit on: --backbone NAME (repeatable) or --cache FILE.")
     table = read_table(data, group_col=group_col, check_files=False, meta_only=True)
     caches = [Path(c) for c in cache_files] if cache_files else [find_cache(table, b, cache_dir) for b in backbones]
-    infos = []
-    for c in caches:
-        a = read_attrs(c)
-        infos.append({"backbone": a["backbone"], "cache": str(c), "fingerprint": a["fingerprint"],
-                      "table_fingerprint": a.get("table_fingerprint", ""), "random_init": bool(a["random_init"]),
-                      "weights_sha256": a["weights_sha256"], "weights_source": a["weights_source"],
-                      "weights_path": a.get("weights_path", ""), "tta": int(a["tta"]), "dtype": a["dtype"],
-                      "key": json.loads(a["key_json"])})
+    infos = [cache_info(c, read_attrs(c)) for c in caches]
     targets = targets_store(table.source, cache_dir, table.group_col)
     est = make_head(head, device, seed, head_params)
     grouped = use_groups and table.group_col is not None
@@ -204,22 +204,8 @@ def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_file
         metrics = acc.result(genes)
         del est.fold_models_, est.folds_  # CV artefacts: the saved model is the refit on all rows
         seconds = time.perf_counter() - t0
-        sidecar = read_sidecar(table.source)
-        symbols = (sidecar or {}).get("gene_names", {})
-        info = {
-            "format": RUN_FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "identity": identity_of(identity_fields), "identity_fields": identity_fields,
-            "table": {"path": str(table.source), "fingerprint": table.fingerprint(), "n_rows": len(table),
-                      "n_used": n, "group_col": table.group_col if grouped else None},
-            "backbones": infos, "random_init": any(c["random_init"] for c in infos),
-            "head": {"name": head, "params": params, "plugin": False}, "context": 0,
-            "folds": {"n": len(acc.n), "seed": seed, "grouped": grouped}, "genes": genes,
-            "gene_names": [symbols.get(g, g) for g in genes], "tile_um": tile_um_of(sidecar),
-            "slide_images": slide_images_of(sidecar), "streamed": True, "cv_seconds": seconds, "refit_seconds": 0.0,
-            "summary": {k: metrics[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold", "pcc_gene_median",
-                                                "pcc_tile_mean", "mse")},
-        }
+        info = _run_info(table, n, table.group_col if grouped else None, infos, head, params, False, 0, len(acc.n),
+                         seed, grouped, genes, identity_fields, metrics, seconds, 0.0, command, streamed=True)
         path = write_run(final, info, metrics, lambda p: os.replace(tmp_oof, p), est, overwrite=overwrite)
     finally:
         if tmp_oof.exists():

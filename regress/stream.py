@@ -4,7 +4,8 @@ Used by ``fit --stream`` (and automatically when X and Y would take more than
 :data:`STREAM_ABOVE_FRACTION` of the machine's memory).  The tile table is
 converted once to ``<cache_dir>/<table>/targets-<sha16>.h5`` (``ids``,
 ``genes``, ``Y`` rows x genes float32 in row chunks, and ``groups``,
-``slides``, ``xy`` when present), reading the CSV in chunks; the fit reads
+``slides``, ``xy`` when present), reading the CSV in chunks, and found again
+by the table file's stat (its bytes are hashed only when the stat changed); the fit reads
 features and targets a block of rows at a time (:meth:`RidgeHead.fit_chunks`),
 then a third pass writes the out-of-fold predictions of each fold's model
 into the run folder and accumulates the metrics from per-fold sums.  Nothing
@@ -39,11 +40,24 @@ def _sha16(path: Path) -> str:
 
 def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, group_col: str | None = None) -> Path:
     """The table's targets as an HDF5 columnar file, made once (keyed by the table file's sha256)."""
+    from featurize.digests import stat_of
+
     table_path = Path(table_path).resolve()
     if table_path.suffix.lower() not in (".csv",):
         raise TableError(f"{table_path}: streaming reads CSV tables in chunks; convert this table to CSV.")
-    out = Path(cache_dir) / table_path.stem / f"targets-{_sha16(table_path)}.h5"
-    if out.is_file():
+    folder = Path(cache_dir) / table_path.stem
+    st = list(stat_of(table_path))
+    for done in sorted(folder.glob("targets-*.h5")):  # the table's stat unchanged: no need to hash it again
+        try:
+            with h5py.File(done, "r") as fh:
+                if list(fh.attrs.get("table_stat", [])) == st:
+                    return done
+        except OSError:
+            continue
+    out = folder / f"targets-{_sha16(table_path)}.h5"
+    if out.is_file():  # same bytes, new stat (touched, copied): record the stat
+        with h5py.File(out, "r+") as fh:
+            fh.attrs["table_stat"] = st
         return out
     header = list(pd.read_csv(table_path, nrows=0).columns)
     gcol = group_col or next((c for c in GROUP_CANDIDATES if c in header), None)
@@ -86,6 +100,7 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
                 fh.create_dataset("slides", data=np.asarray(cols["slides"], dtype=object), dtype=_STR)
             if cols["xy"]:
                 fh.create_dataset("xy", data=np.concatenate(cols["xy"]))
+            fh.attrs["table_stat"] = st
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -184,15 +199,6 @@ def feature_chunks(caches: Sequence[Path], targets: Path, rows: int = ROWS):
                 fh.close()
 
     return len(ids), int(sum(dims)), chunks
-
-
-def should_stream(n: int, d: int, g: int) -> bool:
-    """True when X and Y as float32 would take more than STREAM_ABOVE_FRACTION of the machine's memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return n * (d + g) * 4 > STREAM_ABOVE_FRACTION * total
 
 
 def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: bool, n_folds: int, seed: int, log=print):

@@ -28,6 +28,15 @@ class TrainingData:
     slides: np.ndarray | None = None
 
 
+def cache_info(path, a: dict[str, Any]) -> dict[str, Any]:
+    """What a run records of each cache it was fitted on (run.json ``backbones``)."""
+    return {"backbone": a["backbone"], "cache": str(path), "fingerprint": a["fingerprint"],
+            "table_fingerprint": a.get("table_fingerprint", ""), "random_init": bool(a["random_init"]),
+            "weights_sha256": a["weights_sha256"], "weights_source": a["weights_source"],
+            "weights_path": a.get("weights_path", ""), "tta": int(a["tta"]), "dtype": a["dtype"],
+            "key": json.loads(a["key_json"])}
+
+
 def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[str], cache_dir="cache",
                        cache_files: Sequence[str] | None = None, group_col: str | None = None,
                        context: int = 0) -> TrainingData:
@@ -44,12 +53,7 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
     for src in sources:
         cache = load_features(table, None if cache_files else src, cache_dir, cache_file=src if cache_files else None)
         feats.append(cache)
-        a = cache.attrs
-        infos.append({"backbone": cache.backbone, "cache": str(cache.path), "fingerprint": a["fingerprint"],
-                      "table_fingerprint": a.get("table_fingerprint", ""),
-                      "random_init": bool(a["random_init"]), "weights_sha256": a["weights_sha256"],
-                      "weights_source": a["weights_source"], "weights_path": a.get("weights_path", ""),
-                      "tta": int(a["tta"]), "dtype": a["dtype"], "key": json.loads(a["key_json"])})
+        infos.append(cache_info(cache.path, cache.attrs))
     # rows present in every cache (tiles skipped with --skip-bad drop out), in table order
     present = set.intersection(*(set(c.ids) for c in feats))
     rows = np.array([i for i, k in enumerate(table.ids) if k in present], dtype=int)

@@ -34,7 +34,8 @@ THEORETICAL_SPOT_UM = 65.0  # what 10x's spot_diameter_fullres spans
 COARSE_UM_PER_PX = 2.0  # above this, tiles carry little cellular detail: warn
 
 
-def _read(path: Path):
+def read_anndata(path: Path):
+    """An .h5ad file read with anndata; every failure is one ImportDataError naming the file."""
     try:
         import anndata
     except ImportError as exc:
@@ -79,7 +80,7 @@ def read_h5ad_slide(path: str | Path, out_dir: Path, *, image: str | Path | None
                     patient: str | None = None) -> tuple[Slide, dict[str, Any]]:
     """One AnnData slide as a :class:`Slide` (+ what the import decided, for the sidecar)."""
     path = Path(path)
-    ad = _read(path)
+    ad = read_anndata(path)
     if "spatial" not in getattr(ad, "obsm", {}):
         raise ImportDataError(f"{path}: no obsm['spatial'] (spot positions); this AnnData has no spatial coordinates.")
     xy = np.asarray(ad.obsm["spatial"], dtype=np.float64)[:, :2]

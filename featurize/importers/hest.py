@@ -34,14 +34,10 @@ def h5_strings(ds) -> np.ndarray:
 
 
 def read_h5ad_counts(path: Path, min_spots: float = 0.0) -> pd.DataFrame:
-    try:
-        import anndata
-    except ImportError as exc:
-        raise ImportDataError("reading .h5ad needs the anndata package: pip install anndata.") from exc
-    try:
-        ad = anndata.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - anndata/h5py raise many types for a bad file
-        raise ImportDataError(f"{path}: unreadable .h5ad ({type(exc).__name__}: {exc}).") from exc
+    """Spots x genes raw counts of a HEST ``st/<id>.h5ad`` (genes seen in < ``min_spots`` of spots dropped)."""
+    from featurize.importers.h5ad import read_anndata
+
+    ad = read_anndata(Path(path))
     X = ad.X
     from scipy import sparse
 
