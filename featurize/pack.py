@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from featurize.atomic import atomic_path
 from featurize.errors import TableError, UsageError
 from featurize.table import read_table, write_csv_atomic
 
@@ -53,9 +54,8 @@ def pack_table(data: str | os.PathLike, out_dir: str | os.PathLike, tiles_per_pa
     paths, offsets, sizes = [], [], []
     for start in range(0, len(table), tiles_per_pack):
         name = f"{table.name}-{start // tiles_per_pack:06d}.tar"
-        final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
         members = []
-        try:
+        with atomic_path(out / name) as tmp:
             with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
                 for i in range(start, min(start + tiles_per_pack, len(table))):
                     data_bytes = Path(table.paths[i]).read_bytes()
@@ -70,9 +70,5 @@ def pack_table(data: str | os.PathLike, out_dir: str | os.PathLike, tiles_per_pa
                 paths.append(f"{name}#{member}")
                 offsets.append(where[member][0])
                 sizes.append(where[member][1])
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     df["path"], df["pack_offset"], df["pack_size"] = paths, offsets, sizes
     return write_csv_atomic(df, out / f"{table.name}.csv")

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from featurize.atomic import atomic_path
 from featurize.errors import TableError
 
 #: Columns never treated as genes.
@@ -240,13 +241,6 @@ def index_of(haystack: Sequence[str], needles: Sequence[str]) -> np.ndarray:
 def write_csv_atomic(df: pd.DataFrame, out: str | os.PathLike, **to_csv) -> Path:
     """Write ``df`` to a temporary name beside ``out`` and rename it into place when
     complete: a half-written CSV never carries the final name."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False, **to_csv)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return Path(out)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from featurize.atomic import atomic_path
 from featurize.errors import ImportDataError
 from featurize.images import large_images_allowed, to_rgb
 from featurize.table import write_csv_atomic
@@ -245,9 +246,8 @@ def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, 
             tile = slide.read_region(x0, y0, side_px, side_px)
             if side_px != out_px:
                 tile = tile.resize((out_px, out_px), Image.Resampling.LANCZOS)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            tile.save(tmp, format="PNG")
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                tile.save(tmp, format="PNG")
         rows.append({"ID": tid, "path": f"./{(rel / dest.name).as_posix()}", "slide": name,
                      "x": x0 + tile_px / 2.0, "y": y0 + tile_px / 2.0, "grid_row": r, "grid_col": c})
     done = {"key": key, **params, "tile_px_level0": tile_px, "n_tiles": len(rows), "mpp_source": slide.mpp_source,

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from featurize.atomic import atomic_path
 from featurize.table import read_table
 from regress.fit import fit_run
 from regress.training import load_training_data
@@ -53,7 +54,6 @@ def _plot(dists: dict[str, np.ndarray], png: Path, title: str) -> None:
     ax.set_ylabel("Pearson r per gene")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(png, ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(png)

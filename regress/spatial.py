@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featurize.atomic import atomic_path
 from featurize.errors import UsageError
 
 
@@ -56,14 +57,8 @@ def write_h5ad(out: str | os.PathLike, ids: Sequence[str], genes: Sequence[str],
             if v is not None}
     flat["provenance_json"] = json.dumps(prov, default=str)
     ad.uns["hexpress"] = flat
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.h5ad")
-    try:
+    with atomic_path(out, ".h5ad") as tmp:
         ad.write_h5ad(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -101,9 +96,8 @@ def draw_gene_maps(prefix: str | os.PathLike, genes: Sequence[str], values: np.n
         fig.colorbar(sc, ax=ax, fraction=0.04)
         fig.tight_layout()
         png = Path(f"{prefix}_{str(name).replace('/', '_')}.png")
-        tmp = png.with_name(png.name + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(png, ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, png)
         paths.append(png)
     return paths

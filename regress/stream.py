@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from featurize.atomic import atomic_path
 from featurize.errors import CacheError, TableError, UsageError
 from featurize.table import GROUP_CANDIDATES, META_COLUMNS
 
@@ -68,9 +69,7 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
     if not genes:
         raise TableError(f"{table_path}: no gene columns to fit.")
     slide_col = next((c for c in ("slide", "section") if c in header), None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as fh:
             n = 0
             Yd = fh.create_dataset("Y", shape=(0, len(genes)), maxshape=(None, len(genes)), dtype=np.float32,
@@ -101,10 +100,6 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
             if cols["xy"]:
                 fh.create_dataset("xy", data=np.concatenate(cols["xy"]))
             fh.attrs["table_stat"] = st
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
