@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,7 @@ def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, 
     if not grid:
         raise ImportDataError(f"{slide.path}: tissue found but no {tile_um:g} um tile holds {min_tissue:.0%} of it; "
                               "lower --min-tissue.")
-    rel = Path("tiles") / name
+    rel = Path("tiles") / f"{name}-{key}"  # keyed: a cut with other parameters never reuses these tiles
     (out_dir / rel).mkdir(parents=True, exist_ok=True)
     side_px = int(round(tile_px))
     rows = []
@@ -255,4 +256,7 @@ def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, 
             "width": slide.width, "height": slide.height}
     write_csv_atomic(pd.DataFrame(rows), table)
     side.write_text(json.dumps(done, indent=1))
+    for stale in (out_dir / "tiles").glob(f"{name}-*"):  # an earlier cut of this slide with other parameters
+        if stale.is_dir() and stale.name != rel.name and len(stale.name) == len(rel.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return table, done

@@ -303,3 +303,20 @@ def test_predict_out_h5ad_for_a_tile_table(slide_run, tmp_path):
     assert ad.n_obs == 8 and list(ad.var_names) == [f"GENE{j:03d}" for j in range(4)]
     np.testing.assert_allclose(ad.obsm["spatial"], df[["x", "y"]].to_numpy())
     assert json.loads(ad.uns["hexpress"]["provenance_json"])["kind"] == "run"
+
+
+def test_recutting_a_slide_at_another_tile_size_never_reuses_the_earlier_tiles(tmp_path):
+    from featurize.wsi import cut_slide, open_slide
+
+    Image.fromarray(_blob_slide()).save(tmp_path / "s.png")
+    slide = open_slide(tmp_path / "s.png", 0.5)
+    cut_slide(slide, tmp_path / "w", tile_um=100, out_px=64, progress=False)
+    table, cut = cut_slide(slide, tmp_path / "w", tile_um=150, out_px=64, progress=False)
+    df = pd.read_csv(table)
+    assert cut["tile_px_level0"] == pytest.approx(300) and len(df) > 3
+    for _, r in df.iterrows():  # every tile is the 150 um square around its centre, not an older 100 um tile
+        want = slide.read_region(int(round(r.x - 150)), int(round(r.y - 150)), 300, 300)
+        want = np.asarray(want.resize((64, 64), Image.Resampling.LANCZOS), dtype=int)
+        got = np.asarray(Image.open(tmp_path / "w" / r.path).convert("RGB"), dtype=int)
+        assert np.abs(want - got).max() <= 2, r.ID
+    assert len(list((tmp_path / "w" / "tiles").iterdir())) == 1  # the earlier cut's tiles are removed
