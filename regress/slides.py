@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from featurize import __version__
-from featurize.errors import UsageError
-from regress.runs import Run, open_result
+from featurize.errors import RunError, UsageError
+from regress.runs import Run, load_run, open_result
 
 #: Tiles more than this far from the training tiles' physical size are refused unless forced.
 TILE_SIZE_TOLERANCE = 0.10
@@ -27,12 +27,10 @@ def trained_tile_um(res: Run) -> float | None:
     if res.info.get("tile_um"):
         return float(res.info["tile_um"])
     if res.kind == "stack":
-        from regress.runs import load_run
-
         for p in res.info.get("runs", []):
             try:
                 v = load_run(p).info.get("tile_um")
-            except Exception:  # noqa: BLE001 - a moved run simply does not tell
+            except RunError:  # a moved run simply does not tell
                 v = None
             if v:
                 return float(v)
