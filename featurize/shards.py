@@ -57,6 +57,13 @@ def shard_path(final: Path, index: int, count: int) -> Path:
     return final.with_name(f"{final.stem}.shard-{index:04d}-of-{count:04d}.h5")
 
 
+def final_of(path: str | Path) -> Path:
+    """The standard cache a shard file belongs to (a standard cache path is returned as it is)."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    return path.with_name(f"{m.group('stem')}.h5") if m else path
+
+
 def shard_files(final: Path) -> dict[tuple[int, int], Path]:
     """(index, count) -> path of every complete-looking shard file of ``final``."""
     out = {}

@@ -1,4 +1,11 @@
-"""Spatial context: append the mean features of each tile's nearest neighbours.
+"""Feature transforms that use where a tile lies: its neighbours' features, its slide's mean.
+
+``--center-slides`` subtracts each slide's mean feature vector from its tiles.  Per-gene Pearson r within a
+slide ignores any slide-wide offset, so what a head should learn is the variation inside slides; staining
+and scanner differences between slides shift whole slides in feature space and are removed this way.  A
+new slide is centred on its own tiles (no expression is used), at CV and prediction time alike.
+
+Spatial context: append the mean features of each tile's nearest neighbours.
 
 Expression varies smoothly over tissue, and a spot's neighbours show more of
 its micro-environment than the spot alone.  Neighbours are found by (x, y)
@@ -38,4 +45,14 @@ def neighbour_mean(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray | No
         _, nn = cKDTree(xy[idx]).query(xy[idx], k=kk + 1)
         nn = np.asarray(nn).reshape(len(idx), kk + 1)[:, 1:]  # drop the tile itself
         out[idx] = X[idx][nn].mean(axis=1)
+    return out
+
+
+def slide_centered(X: np.ndarray, slides: np.ndarray | None) -> np.ndarray:
+    """``X`` minus, for each row, the mean of ``X`` over the rows of its slide (all rows: one slide)."""
+    slides = np.zeros(len(X), dtype=int) if slides is None else np.asarray(slides)
+    out = np.asarray(X, dtype=np.float64).copy()
+    for s in np.unique(slides):
+        m = slides == s
+        out[m] -= out[m].mean(axis=0)
     return out

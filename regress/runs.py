@@ -4,7 +4,8 @@ Run folder (``RUN_FORMAT`` 2), ``<runs_dir>/<name>/``:
 
 * ``run.json``     - format, tool version, command, ``identity`` (sha256 of
   ``identity_fields``: table rows, targets and tile content, each cache's key,
-  head and its parameters, folds, seed, grouping, context), table path,
+  head and its parameters, folds, seed, grouping, context, and smooth and
+  center_slides when set), table path, center_slides,
   backbones with their caches, genes, timings, summary;
 * ``metrics.json`` - CV metrics (PCC per gene mean/median, per tile, MSE,
   constant genes, per-gene table);

@@ -1,7 +1,10 @@
 """Blend several (backbone, head) runs per gene from their out-of-fold predictions only.
 
 Default: per-gene non-negative weights summing to one, the least-squares fit
-of the measured values on the runs' OOF predictions.  With R runs and
+of the measured values on the runs' OOF predictions.  ``select``: the same
+weights over members chosen by forward selection on the cross-fitted score,
+then shrunk toward one global blend by the factor (from ``SHRINK_GRID``) with
+the best cross-fitted score; every choice is made on the training folds only.  With R runs and
 :math:`G_j = P_j^\\top P_j`, :math:`c_j = P_j^\\top y_j` (R x R and R per gene),
 minimising :math:`\\|P_j w - y_j\\|^2` is ``nnls`` on the Cholesky factor
 :math:`L_j^\\top w \\approx L_j^{-1} c_j`, with one heavily weighted row forcing
@@ -43,24 +46,22 @@ class Stack(BaseEstimator):
         self.method = method
         self.alpha = alpha
 
-    def fit(self, preds: Sequence[np.ndarray], Y: np.ndarray) -> "Stack":
+    def fit(self, preds: Sequence[np.ndarray], Y: np.ndarray, fold: np.ndarray | None = None) -> "Stack":
+        """``fold``: the rows' CV fold, needed by ``select`` (its choices are cross-fitted over those folds)."""
         P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])  # R x n x g
         Y = np.asarray(Y, dtype=np.float64)
         R, n, g = P.shape
         if self.method == "nnls":
-            G = np.einsum("rnj,snj->jrs", P, P)
-            c = np.einsum("rnj,nj->jr", P, Y)
-            W = np.zeros((R, g))
-            for j in range(g):
-                Gj = G[j] + 1e-9 * (np.trace(G[j]) / R + 1e-12) * np.eye(R)
-                L = np.linalg.cholesky(Gj)
-                big = np.sqrt(1e3 * np.trace(Gj) / R + 1e-12)
-                A = np.vstack([L.T, np.full((1, R), big)])
-                b = np.concatenate([np.linalg.solve(L, c[j]), [big]])
-                w, _ = nnls(A, b)
-                W[:, j] = w / w.sum() if w.sum() > 0 else np.full(R, 1.0 / R)
-            self.weights_ = W
+            self.weights_ = _nnls_weights(P, Y)
             self.intercept_ = np.zeros(g)
+        elif self.method == "select":
+            if fold is None or len(np.unique(fold)) < 2:
+                raise UsageError("stack method 'select' needs the runs' CV folds (at least 2).")
+            members, shrink = _forward_select(P, Y, np.asarray(fold))
+            W = np.zeros((R, g))
+            W[members] = _shrunk_weights(P[members], Y, shrink)
+            self.weights_, self.intercept_ = W, np.zeros(g)
+            self.members_, self.shrink_ = np.asarray(members), float(shrink)
         elif self.method == "ridge":
             pm, ym = P.mean(1), Y.mean(0)
             Pc = P - pm[:, None, :]
@@ -70,7 +71,7 @@ class Stack(BaseEstimator):
             self.weights_ = W
             self.intercept_ = ym - (W * pm).sum(0)
         else:
-            raise UsageError(f"stack method must be 'nnls' or 'ridge', got {self.method!r}.")
+            raise UsageError(f"stack method must be 'nnls', 'select' or 'ridge', got {self.method!r}.")
         self.n_runs_ = R
         return self
 
@@ -80,6 +81,73 @@ class Stack(BaseEstimator):
         if P.shape[0] != self.n_runs_:
             raise UsageError(f"stack was fitted on {self.n_runs_} runs, got {P.shape[0]} predictions.")
         return np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
+
+
+#: Shrinkage of per-gene weights toward the global blend that ``select`` chooses from (1 = per-gene weights only).
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _nnls_weights(P: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """(R, g): per gene, non-negative weights summing to one minimising ``|P_j w - y_j|^2``."""
+    R, _, g = P.shape
+    G = np.einsum("rnj,snj->jrs", P, P)
+    c = np.einsum("rnj,nj->jr", P, Y)
+    W = np.zeros((R, g))
+    for j in range(g):
+        Gj = G[j] + 1e-9 * (np.trace(G[j]) / R + 1e-12) * np.eye(R)
+        L = np.linalg.cholesky(Gj)
+        big = np.sqrt(1e3 * np.trace(Gj) / R + 1e-12)
+        A = np.vstack([L.T, np.full((1, R), big)])
+        b = np.concatenate([np.linalg.solve(L, c[j]), [big]])
+        w, _ = nnls(A, b)
+        W[:, j] = w / w.sum() if w.sum() > 0 else np.full(R, 1.0 / R)
+    return W
+
+
+def _global_weights(P: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """(R,): one non-negative blend summing to one for all genes (each gene scaled to unit variance)."""
+    scale = Y.std(0)
+    scale[scale == 0] = 1.0
+    R, n, g = P.shape
+    return _nnls_weights((P / scale).reshape(R, n * g, 1), (Y / scale).reshape(n * g, 1))[:, 0]
+
+
+def _shrunk_weights(P: np.ndarray, Y: np.ndarray, shrink: float) -> np.ndarray:
+    """Per-gene weights pulled toward the global blend: ``shrink * W_gene + (1 - shrink) * w_global``."""
+    out = np.zeros((P.shape[0], Y.shape[1]))
+    if shrink > 0:
+        out += shrink * _nnls_weights(P, Y)
+    if shrink < 1:
+        out += (1.0 - shrink) * _global_weights(P, Y)[:, None]
+    return out
+
+
+def _cross_fitted_score(P: np.ndarray, Y: np.ndarray, fold: np.ndarray, shrink: float) -> float:
+    """Mean per-gene Pearson r by fold of the blend, each fold's weights learned on the other folds."""
+    from regress.metrics import pcc_per_gene
+
+    scores = []
+    for f in np.unique(fold):
+        tr, va = fold != f, fold == f
+        W = _shrunk_weights(P[:, tr], Y[tr], shrink)
+        scores.append(np.nanmean(pcc_per_gene(Y[va], np.einsum("rnj,rj->nj", P[:, va], W))))
+    return float(np.mean(scores))
+
+
+def _forward_select(P: np.ndarray, Y: np.ndarray, fold: np.ndarray, tol: float = 1e-4) -> tuple[list[int], float]:
+    """Members by forward selection on the cross-fitted score (per-gene weights), then the shrinkage, both over ``fold``."""
+    R = P.shape[0]
+    members: list[int] = []
+    best = -np.inf
+    while len(members) < R:
+        trials = [(_cross_fitted_score(P[members + [r]], Y, fold, 1.0), -r) for r in range(R) if r not in members]
+        score, r = max(trials)  # ties go to the earlier run
+        r = -r
+        if score <= best + tol:
+            break
+        members, best = members + [r], score
+    scores = [_cross_fitted_score(P[members], Y, fold, s) for s in SHRINK_GRID]
+    return sorted(members), SHRINK_GRID[int(np.argmax(scores))]
 
 
 @dataclass
@@ -115,17 +183,17 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it."""
     if len(run_paths) < 2:
         raise UsageError("stack needs at least two runs (--run A --run B, or --all TABLE).")
-    if method not in ("nnls", "ridge"):
-        raise UsageError(f"--method {method}: choose nnls or ridge.")
+    if method not in ("nnls", "select", "ridge"):
+        raise UsageError(f"--method {method}: choose nnls, select or ridge.")
     runs = [load_run(p) for p in run_paths]
     d, oofs = check_runs(runs)
     genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
     for f in np.unique(fold):
         tr, va = fold != f, fold == f
-        st = Stack(method, alpha).fit([o[tr] for o in oofs], Y[tr])
+        st = Stack(method, alpha).fit([o[tr] for o in oofs], Y[tr], fold=fold[tr])
         stacked[va] = st.predict([o[va] for o in oofs])
-    final = Stack(method, alpha).fit(oofs, Y)
+    final = Stack(method, alpha).fit(oofs, Y, fold=fold)
 
     def score(P):
         m = evaluate(Y, P, genes)
@@ -150,7 +218,9 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             "method": method, "alpha": alpha, "table": runs[0].info["table"], "genes": genes, "summary": summary,
             "random_init": any(r.info.get("random_init") for r in runs),
             "backbones": [b for r in runs for b in r.info["backbones"]],
-            "mean_weights": final.weights_.mean(1).tolist()}
+            "mean_weights": final.weights_.mean(1).tolist(),
+            **({"selected": [str(runs[i].path) for i in final.members_], "shrink": final.shrink_}
+               if method == "select" else {})}
     data = RunData(d.ids, genes, stacked.astype(np.float32), fold, d.y, d.groups, d.xy, d.slides)
     path = write_run(out, info, metrics, data, final, kind="stack", overwrite=overwrite)
     for row in summary:

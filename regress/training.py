@@ -11,7 +11,7 @@ import numpy as np
 from featurize.cache import load_features
 from featurize.errors import TableError, UsageError
 from featurize.table import TileTable, index_of, read_table
-from regress.context import neighbour_features
+from regress.context import neighbour_features, slide_centered
 
 
 @dataclass
@@ -39,9 +39,9 @@ def cache_info(path, a: dict[str, Any]) -> dict[str, Any]:
 
 def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[str], cache_dir="cache",
                        cache_files: Sequence[str] | None = None, group_col: str | None = None,
-                       context: int = 0) -> TrainingData:
+                       context: int = 0, center_slides: bool = False) -> TrainingData:
     """Read the table and the caches, align rows by ID, concatenate backbones,
-    append ``context`` nearest-neighbour mean features (0 = none)."""
+    append ``context`` nearest-neighbour mean features (0 = none), centre each slide (``center_slides``)."""
     if not backbones and not cache_files:
         raise UsageError("name the features to fit on: --backbone NAME (repeatable) or --cache FILE.")
     table = data if isinstance(data, TileTable) else read_table(data, group_col=group_col, require_genes=True,
@@ -64,5 +64,9 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
     xy = table.xy[rows] if table.xy is not None else None
     slides = table.slides[rows] if table.slides is not None else None
     X = neighbour_features(X, xy, slides, context, str(table.source))
+    if center_slides:
+        if slides is None:
+            raise TableError(f"{table.source}: --center-slides needs a slide column (which tiles share a slide).")
+        X = slide_centered(X, slides)
     groups = table.groups[rows] if table.groups is not None else None
     return TrainingData(table, ids, X, table.Y[rows], groups, infos, xy, slides)

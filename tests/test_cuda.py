@@ -92,3 +92,76 @@ def test_cli_fit_on_cuda(syn_cache, tmp_path):
         assert rc == 0
         info = json.loads((tmp_path / f"train-timm_test_vit-{head}" / "run.json").read_text())
         assert info["head"]["params"]["device"] == "cuda"
+
+
+# ---------------------------------------------------------------- nvJPEG (issue: GPU embed)
+def _jpeg_table(folder, n=24, size=160):
+    """Plain JPEG tiles at the test backbones' input size, plus one PNG and one progressive JPEG."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "t").mkdir(parents=True)
+    names = []
+    for i in range(n):
+        low = rng.random((12, 12, 3))
+        img = Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+        kind = "png" if i == 5 else "jpg"
+        b = io.BytesIO()
+        img.save(b, "PNG") if kind == "png" else img.save(b, "JPEG", quality=90, progressive=i == 7)
+        names.append(f"t/{i:03d}.{kind}")
+        (folder / names[-1]).write_bytes(b.getvalue())
+    pd.DataFrame({"ID": [f"J{i:03d}" for i in range(n)], "path": names}).to_csv(folder / "tiles.csv", index=False)
+    return folder / "tiles.csv"
+
+
+def test_nvjpeg_pixels_within_a_few_grey_levels_of_pillow(tmp_path):
+    import torch
+
+    from featurize.decode import decode_jpegs
+    from featurize.images import load_rgb
+
+    table = _jpeg_table(tmp_path)
+    datas = [p.read_bytes() for p in sorted((tmp_path / "t").glob("*.jpg"))]
+    got = decode_jpegs([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], torch.device("cuda"))
+    for d, t in zip(datas, got):
+        assert t is not None and t.device.type == "cuda"
+        diff = np.abs(t.permute(1, 2, 0).cpu().numpy().astype(int) - np.asarray(load_rgb(table, d)).astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 16
+
+
+def test_embed_with_nvjpeg_close_to_pillow_keyed_apart_and_counted(tmp_path):
+    from featurize.cache import read_attrs, read_cache
+    from featurize.extract import embed
+
+    table = _jpeg_table(tmp_path)
+    kw = dict(random_init=True, batch_size=8, progress=False, num_workers=2, dtype="float32", device="cuda")
+    s_pil, s_gpu = {}, {}
+    a = embed(table, ["timm:test_vit"], decode="pil", cache_dir=tmp_path / "c", stats=s_pil, **kw)[0]
+    b = embed(table, ["timm:test_vit"], decode="auto", cache_dir=tmp_path / "c", stats=s_gpu, **kw)[0]
+    assert a != b and read_attrs(b)["decoder"] == "nvjpeg"
+    assert s_gpu["decoded"] == {"pil": 2, "device": 22, "fallback": 0}  # the PNG and the progressive JPEG by Pillow
+    fa, fb = read_cache(a).features, read_cache(b).features
+    assert np.linalg.norm(fb - fa) / np.linalg.norm(fa) < 0.02  # a few grey levels of decoder difference
+
+
+def test_a_corrupt_jpeg_in_an_nvjpeg_batch_is_a_bad_tile_as_with_pillow(tmp_path):
+    import pandas as pd
+
+    from featurize.cache import read_cache
+    from featurize.errors import ImageError
+    from featurize.extract import embed
+
+    table = _jpeg_table(tmp_path)
+    victim = tmp_path / "t" / "003.jpg"
+    good = victim.read_bytes()
+    sos = good.index(b"\xff\xda")
+    victim.write_bytes(good[: sos + 4] + b"\xff" * 8 + good[sos + 12 :])
+    kw = dict(random_init=True, batch_size=8, progress=False, num_workers=0, device="cuda")
+    with pytest.raises(ImageError, match="003.jpg"):
+        embed(table, ["timm:test_vit"], decode="device", cache_dir=tmp_path / "c", **kw)
+    p = embed(table, ["timm:test_vit"], decode="device", cache_dir=tmp_path / "c", skip_bad=True, **kw)[0]
+    ids = set(read_cache(p).ids)
+    assert "J003" not in ids and len(ids) == len(pd.read_csv(table)) - 1

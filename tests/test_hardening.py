@@ -82,6 +82,39 @@ def test_sigkill_then_rerun_gives_the_same_bytes(big_table, tmp_path):
         assert a["features"][()].tobytes() == b["features"][()].tobytes()
 
 
+@pytest.fixture(scope="module")
+def big_jpeg_table(big_table, tmp_path_factory):
+    """The same 160 tiles as JPEGs (quality 90): what the device decoder takes."""
+    import pandas as pd
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bigjpeg")
+    df = pd.read_csv(big_table)
+    (root / "t").mkdir()
+    paths = []
+    for i, rel in enumerate(df.path):
+        Image.open(big_table.parent / rel).convert("RGB").save(root / "t" / f"{i:04d}.jpg", quality=90)
+        paths.append(f"t/{i:04d}.jpg")
+    df.assign(path=paths).to_csv(root / "big_jpeg.csv", index=False)
+    return root / "big_jpeg.csv"
+
+
+def test_sigkill_with_device_decoding_then_rerun_gives_the_same_bytes(big_jpeg_table, tmp_path):
+    ref = embed(big_jpeg_table, ["efficientnet_lite0"], cache_dir=tmp_path / "ref", decode="device", **KW)[0]
+    cmd = _embed_cmd(big_jpeg_table, tmp_path / "c", "--decode", "device")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(tmp_path / "c", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "resuming at row" in out.stderr
+    done = list((tmp_path / "c").rglob("*.h5"))
+    with h5py.File(ref) as a, h5py.File(done[0]) as b:
+        assert b.attrs["decoder"] == "torchvision-cpu"
+        assert a["features"][()].tobytes() == b["features"][()].tobytes()
+
+
 def test_lock_dies_with_embed_even_while_its_decode_workers_live(big_table, tmp_path):
     """kill -9 of embed with decode workers; an immediate rerun (no --wait) gets the lock and resumes."""
     cmd = _embed_cmd(big_table, tmp_path / "c")

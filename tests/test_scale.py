@@ -1,5 +1,6 @@
 """Past one machine: shards, merge (same bytes as one process), refusals."""
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,7 +11,7 @@ import cli
 from featurize.cache import read_cache
 from featurize.errors import CacheError
 from featurize.extract import embed
-from featurize.shards import merge_shards, parse_shard, shard_rows
+from featurize.shards import final_of, merge_shards, parse_shard, shard_path, shard_rows
 from featurize.table import read_table
 
 KW = dict(random_init=True, batch_size=16, progress=False, num_workers=0)
@@ -48,6 +49,13 @@ def test_shard_rule_covers_the_rows_on_batch_boundaries():
     for bad in ("5/5", "-1/3", "a/b", "3"):
         with pytest.raises(Exception, match="I/N"):
             parse_shard(bad)
+
+
+def test_a_shard_file_names_its_standard_cache():
+    """The Ray driver merges the caches its actors name (their device decides the key), not ones it computes."""
+    final = Path("/c/tiles/resnet50-0123456789abcdef.h5")
+    assert final_of(shard_path(final, 3, 12)) == final
+    assert final_of(final) == final
 
 
 def test_shards_then_merge_give_the_bytes_of_one_process(syn_table, tmp_path):

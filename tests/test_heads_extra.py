@@ -1,0 +1,142 @@
+"""The accuracy issue's heads against brute-force versions: reduced-rank ridge and kNN."""
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from regress.knn import KNNHead
+from regress.rrr import ReducedRankRidgeHead
+from regress.ridge import RidgeHead
+
+
+def _low_rank(n=200, d=30, g=40, rank=3, noise=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    B = rng.standard_normal((d, rank)) @ rng.standard_normal((rank, g))
+    return X, 0.3 * X @ B + noise * rng.standard_normal((n, g))
+
+
+def test_reduced_rank_ridge_equals_ridge_on_principal_components_brute_force():
+    """At a fixed rank: standardise Y, rotate onto its top-r axes, one sklearn Ridge per component at the alpha the
+    head chose for it, rotate back and unscale."""
+    X, Y = _low_rank()
+    h = ReducedRankRidgeHead(ranks=(5,)).fit(X, Y)
+    mean, std = Y.mean(0), Y.std(0)
+    _, _, Vt = np.linalg.svd((Y - mean) / std, full_matrices=False)
+    Z = ((Y - mean) / std) @ Vt.T
+    sc = StandardScaler().fit(X)
+    Zhat = np.column_stack([Ridge(alpha=a).fit(sc.transform(X), Z[:, j]).predict(sc.transform(X))
+                            for j, a in enumerate(h.component_alpha_[:5])])
+    ref = (Zhat @ Vt[:5]) * std + mean
+    np.testing.assert_allclose(h.predict(X), ref, rtol=1e-4, atol=1e-5)  # ridge solves in float32
+    assert (h.rank_ == 5).all()
+
+
+def test_reduced_rank_ridge_with_every_component_is_ridge_on_rotated_genes():
+    X, Y = _low_rank(g=12)
+    full = ReducedRankRidgeHead(ranks=(1000,), alphas=(3.0,)).fit(X, Y)
+    ridge = RidgeHead(alphas=(3.0,)).fit(X, Y)  # one alpha for all: rotation commutes with ridge
+    np.testing.assert_allclose(full.predict(X), ridge.predict(X), rtol=1e-4, atol=1e-5)
+
+
+def test_reduced_rank_ridge_finds_a_low_rank_signal_and_beats_ridge_on_new_rows():
+    X, Y = _low_rank(n=300, seed=1)
+    tr, te = slice(0, 220), slice(220, None)
+    h = ReducedRankRidgeHead(ranks=(1, 2, 3, 5, 10, 40)).fit(X[tr], Y[tr])
+    r = RidgeHead().fit(X[tr], Y[tr])
+    assert np.median(h.rank_) <= 5  # the truth has rank 3
+    mse_h = ((h.predict(X[te]) - Y[te]) ** 2).mean()
+    mse_r = ((r.predict(X[te]) - Y[te]) ** 2).mean()
+    assert mse_h < 0.95 * mse_r
+    assert h.cv_scores_.shape == (6, Y.shape[1])
+
+
+def test_reduced_rank_ridge_rank_choice_never_sees_the_validation_rows_axes(monkeypatch):
+    """In each CV fold the principal axes come from the fold's training rows only."""
+    import regress.rrr as rrr
+
+    seen = []
+    real = rrr._axes
+
+    def spy(Y):
+        seen.append(len(Y))
+        return real(Y)
+
+    monkeypatch.setattr(rrr, "_axes", spy)
+    X, Y = _low_rank(n=100)
+    ReducedRankRidgeHead(ranks=(1, 3), cv=4).fit(X, Y, groups=np.repeat(np.arange(4), 25))
+    assert seen == [75, 75, 75, 75, 100]
+
+
+@pytest.mark.parametrize("ks", [(3,), (2, 5, 9)])
+def test_knn_equals_sklearn_pipeline_at_each_genes_k(ks):
+    X, Y = _low_rank(n=140, d=12, g=6, noise=0.5)
+    h = KNNHead(n_neighbors=ks, n_components=5).fit(X[:110], Y[:110])
+    P = h.predict(X[110:])
+    for g in range(Y.shape[1]):
+        ref = make_pipeline(StandardScaler(), PCA(5, whiten=True),
+                            KNeighborsRegressor(int(h.k_[g]), algorithm="brute")).fit(X[:110], Y[:110, g])
+        np.testing.assert_allclose(P[:, g], ref.predict(X[110:]), rtol=1e-9, atol=1e-9)
+    assert set(np.unique(h.k_)) <= set(ks)
+
+
+def test_knn_choice_of_k_by_cv_is_brute_force_cross_validation():
+    from regress.cv import make_splits
+
+    X, Y = _low_rank(n=90, d=8, g=4, noise=1.0)
+    groups = np.repeat(np.arange(3), 30)
+    h = KNNHead(n_neighbors=(2, 6, 15), n_components=4, cv=3).fit(X, Y, groups=groups)
+    sse = np.zeros((3, 4))
+    for train, val in make_splits(90, 3, groups, 0):
+        for i, k in enumerate((2, 6, 15)):
+            m = make_pipeline(StandardScaler(), PCA(4, whiten=True), KNeighborsRegressor(k, algorithm="brute"))
+            sse[i] += ((m.fit(X[train], Y[train]).predict(X[val]) - Y[val]) ** 2).sum(0)
+    np.testing.assert_allclose(h.cv_scores_, -sse / 90, rtol=1e-9)
+    np.testing.assert_array_equal(h.k_, np.array((2, 6, 15))[np.argmax(-sse, axis=0)])
+
+
+# ---------------------------------------------------------------- the selecting stack
+def _members(n=240, g=20, seed=0):
+    """Targets, folds and 4 candidate prediction matrices: two informative, one noise, one copy of the first."""
+    rng = np.random.default_rng(seed)
+    Y = rng.standard_normal((n, g))
+    a = Y + 0.8 * rng.standard_normal((n, g))
+    b = Y + 1.0 * rng.standard_normal((n, g))
+    noise = rng.standard_normal((n, g))
+    return Y, np.repeat(np.arange(4), n // 4), [a, noise, b, a.copy()]
+
+
+def test_select_stack_leaves_out_a_useless_run_and_a_duplicate():
+    from regress.stack import Stack
+
+    Y, fold, preds = _members()
+    st = Stack("select").fit(preds, Y, fold=fold)
+    assert list(st.members_) == [0, 2]  # noise never helps; the copy of run 0 adds nothing
+    assert np.allclose(st.weights_[[1, 3]], 0) and np.allclose(st.weights_.sum(0), 1)
+    assert 0.0 <= st.shrink_ <= 1.0
+
+
+def test_select_stack_scores_are_brute_force_cross_fitting():
+    from regress.metrics import pcc_per_gene
+    from regress.stack import _cross_fitted_score, _nnls_weights
+
+    Y, fold, preds = _members(seed=1)
+    P = np.stack(preds[:3])
+    manual = []
+    for f in range(4):
+        tr, va = fold != f, fold == f
+        W = _nnls_weights(P[:, tr], Y[tr])
+        manual.append(np.nanmean(pcc_per_gene(Y[va], np.einsum("rnj,rj->nj", P[:, va], W))))
+    assert _cross_fitted_score(P, Y, fold, 1.0) == pytest.approx(np.mean(manual), rel=1e-12)
+
+
+def test_select_stack_needs_the_runs_folds():
+    from featurize.errors import UsageError
+    from regress.stack import Stack
+
+    Y, fold, preds = _members()
+    with pytest.raises(UsageError, match="folds"):
+        Stack("select").fit(preds, Y)
