@@ -527,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--context", type=int, default=0, metavar="K",
                         help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
         sp.add_argument("--center-slides", action="store_true",
-                        help="subtract each slide's mean feature vector from its tiles (stain and scanner offsets "
-                             "between slides; a new slide is centred on its own tiles; needs a slide column)")
+                        help="features as each tile's deviation from its slide's mean feature vector, plus that "
+                             "mean (stain and scanner offsets between slides out of the tile-level part; a new "
+                             "slide is centred on its own tiles; needs a slide column)")
 
     sp = sub.add_parser("fit", help="cross-validate one head on cached features and save the run",
                         description="Fit --head on the caches of --backbone (several are concatenated) with grouped "

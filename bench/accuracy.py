@@ -10,7 +10,7 @@ inner CV on the training sections only:
   their own tables with the same IDs, targets and folds, so their runs stack with the 1x runs;
 * heads: ``ridge-rr`` (reduced-rank ridge, rank per gene by inner CV) and ``knn`` (k per gene);
 * ``--center-slides``: each slide's mean feature vector removed (a held-out section by its own tiles);
-* TTA 8 (``--tta``: lite0 and mobilenetv2 embedded with the 8 flips/rotations averaged);
+* TTA 8 (``--tta``: the four backbones embedded with the 8 flips/rotations averaged);
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section).
 
@@ -40,7 +40,8 @@ from regress.runs import load_run  # noqa: E402
 from regress.stack import stack_runs  # noqa: E402
 
 
-def by_section(path: Path) -> tuple[float, list[float]]:
+def by_section(path: Path) -> tuple[float, list[float], float]:
+    """(mean PCC/gene by held-out section, each section's, pooled PCC/gene over all out-of-fold rows)."""
     d = load_run(path).data() if (path / "run.json").is_file() else None
     if d is None:
         from regress.runs import open_result
@@ -50,14 +51,14 @@ def by_section(path: Path) -> tuple[float, list[float]]:
     for s in sorted(set(d.slides)):
         m = d.slides == s
         secs.append(float(np.nanmean(pcc_per_gene(d.y[m], d.oof[m]))))
-    return float(np.mean(secs)), secs
+    return float(np.mean(secs)), secs, float(np.nanmean(pcc_per_gene(d.y, d.oof)))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="the --out folder of bench/her2st.py")
-    ap.add_argument("--tta", action="store_true", help="also TTA-8 runs (embeds lite0 and mobilenetv2 with TTA 8: "
-                                                       "about 6 minutes on 2 cores)")
+    ap.add_argument("--tta", action="store_true", help="also TTA-8 runs (embeds the four backbones with TTA 8: "
+                                                       "about 15 minutes on 2 cores)")
     args = ap.parse_args()
     out = Path(args.out)
     table = out / "her2st.csv"
@@ -85,7 +86,8 @@ def main() -> int:
     tta_cache = out / "cache-tta8"  # its own folder: a backbone's TTA-1 and TTA-8 caches would be ambiguous
     if args.tta:
         t1 = time.perf_counter()
-        embed(table, ["efficientnet_lite0", "mobilenetv2"], tta=8, cache_dir=tta_cache, progress=False)
+        embed(table, ["efficientnet_lite0", "mobilenetv2", "efficientnet_lite1", "efficientnet_lite2"], tta=8,
+              cache_dir=tta_cache, progress=False)
         t_embed += time.perf_counter() - t1
 
     def fit(label, backbones, head="ridge", scale=1, tta=1, **kw):
@@ -95,9 +97,9 @@ def main() -> int:
         res = fit_run(data, backbones, head, cache_dir=ccache, runs_dir=runs, folds=6, group_col="slide", seed=0,
                       device="cpu", log=lambda *a: None, overwrite=True, name=label.replace(" ", "_").replace("+", "p"),
                       **kw)
-        mean, secs = by_section(res.path)
+        mean, secs, pooled = by_section(res.path)
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
-                     "fit_s": round(time.perf_counter() - t1, 1)})
+                     "pooled": round(pooled, 4), "fit_s": round(time.perf_counter() - t1, 1)})
         paths[label] = res.path
         print(json.dumps(rows[-1]), flush=True)
 
@@ -132,6 +134,9 @@ def main() -> int:
         fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)
         fit("ridge-rr lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, head="ridge-rr", context=6,
             center_slides=True)
+        fit("ridge lite0+lite1+lite2+mnv2 TTA 8 + context 6, centered", four, tta=8, context=6, center_slides=True)
+        fit("ridge-rr lite0+lite1+lite2+mnv2 TTA 8 + context 6, centered", four, tta=8, head="ridge-rr", context=6,
+            center_slides=True)
     single = [k for k in paths if "x tiles" not in k]
     centered = [k for k in paths if "centered" in k]
     for label, members, method in (
@@ -144,11 +149,15 @@ def main() -> int:
         ("stack of the centered runs", centered, "nnls"),
         ("stack of every run", list(paths), "nnls"),
         ("stack of every run, select", list(paths), "select")):
+        t1 = time.perf_counter()
         st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
                         method=method, log=lambda *a: None, overwrite=True)
-        mean, secs = by_section(st.path)
+        mean, secs, pooled = by_section(st.path)
+        info = json.loads((st.path / "stack.json").read_text())
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
-                     "fit_s": 0.0})
+                     "pooled": round(pooled, 4), "fit_s": round(time.perf_counter() - t1, 1), "members": len(members),
+                     **({"selected": [Path(r).name for r in info["selected"]], "shrink": info["shrink"]}
+                        if method == "select" else {})})
         print(json.dumps(rows[-1]), flush=True)
     (out / "accuracy.json").write_text(json.dumps({"rows": rows, "embed_s": round(t_embed, 1),
                                                    "sections": sorted(set(t.slides))}, indent=1))

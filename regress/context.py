@@ -1,9 +1,11 @@
 """Feature transforms that use where a tile lies: its neighbours' features, its slide's mean.
 
-``--center-slides`` subtracts each slide's mean feature vector from its tiles.  Per-gene Pearson r within a
-slide ignores any slide-wide offset, so what a head should learn is the variation inside slides; staining
-and scanner differences between slides shift whole slides in feature space and are removed this way.  A
-new slide is centred on its own tiles (no expression is used), at CV and prediction time alike.
+``--center-slides`` splits each tile's features into its deviation from its slide's mean feature vector and
+that mean (appended).  Staining and scanner differences between slides shift whole slides in feature
+space; per-gene Pearson r within a slide ignores slide-wide offsets, so the head should learn from the
+variation inside slides, which the deviations carry without the shift.  The appended means keep what
+slide-level differences can teach (offsets between slides, scored by a pooled PCC).  A new slide is
+centred on its own tiles (no expression is used), at CV and prediction time alike.
 
 Spatial context: append the mean features of each tile's nearest neighbours.
 
@@ -56,3 +58,9 @@ def slide_centered(X: np.ndarray, slides: np.ndarray | None) -> np.ndarray:
         m = slides == s
         out[m] -= out[m].mean(axis=0)
     return out
+
+
+def slide_split(X: np.ndarray, slides: np.ndarray | None) -> np.ndarray:
+    """``[X - slide mean, slide mean]`` per row (n x 2d): the ``--center-slides`` features."""
+    centred = slide_centered(X, slides)
+    return np.concatenate([centred, np.asarray(X, dtype=np.float64) - centred], axis=1)

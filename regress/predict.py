@@ -21,7 +21,7 @@ from featurize.cache import find_cache, read_cache
 from featurize.errors import CacheError, RunError, TableError
 from featurize.extract import embed
 from featurize.table import TileTable, index_of, read_table, write_csv_atomic
-from regress.context import neighbour_features, slide_centered
+from regress.context import neighbour_features, slide_split
 from regress.stack import check_runs
 from regress.runs import Run, open_result
 
@@ -59,7 +59,7 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
     if run.info.get("center_slides"):
         if test.slides is None:
             log(f"[predict] {test.source} has no slide column: its tiles are centred as one slide (--center-slides).")
-        X = slide_centered(X, test.slides)
+        X = slide_split(X, test.slides)
     return X
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from featurize.cache import load_features
 from featurize.errors import TableError, UsageError
 from featurize.table import TileTable, index_of, read_table
-from regress.context import neighbour_features, slide_centered
+from regress.context import neighbour_features, slide_split
 
 
 @dataclass
@@ -67,6 +67,6 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
     if center_slides:
         if slides is None:
             raise TableError(f"{table.source}: --center-slides needs a slide column (which tiles share a slide).")
-        X = slide_centered(X, slides)
+        X = slide_split(X, slides)
     groups = table.groups[rows] if table.groups is not None else None
     return TrainingData(table, ids, X, table.Y[rows], groups, infos, xy, slides)

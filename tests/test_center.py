@@ -1,4 +1,5 @@
-"""--center-slides: each slide's mean feature vector removed, at CV and prediction time, from its own tiles only."""
+"""--center-slides: each tile's deviation from its slide's mean feature vector, plus that mean; at CV and
+prediction time, each slide centred on its own tiles only."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from featurize.cache import read_cache
 from featurize.errors import TableError, UsageError
-from regress.context import slide_centered
+from regress.context import slide_centered, slide_split
 from regress.fit import fit_run
 from regress.training import load_training_data
 
@@ -23,17 +24,36 @@ def test_slide_centered_removes_each_slides_mean_and_nothing_else():
     assert np.allclose(slide_centered(X, None), X - X.mean(0))  # no slide column: one slide
 
 
-def test_a_stain_offset_on_one_slide_changes_no_prediction(syn_cache, tmp_path):
-    """Shift every feature of slide S1 by a constant vector (a scanner or stain offset): the centred features, so the
-    whole CV, are unchanged, and S1's tiles are centred with S1's own mean only."""
+def test_slide_split_is_deviation_plus_mean():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((12, 3))
+    slides = np.repeat(["a", "b"], 6)
+    F = slide_split(X, slides)
+    assert F.shape == (12, 6)
+    np.testing.assert_allclose(F[:, :3] + F[:, 3:], X)
+    np.testing.assert_allclose(F[:6, 3:], np.tile(X[:6].mean(0), (6, 1)))
+
+
+def test_a_stain_offset_on_one_slide_leaves_its_within_slide_features_and_pcc_unchanged(syn_cache, tmp_path):
+    """Shift every feature of slide S1 by a constant vector (a scanner or stain offset): the within-slide part
+    of the features is unchanged, so a fitted model's predictions for S1 move by one constant per gene, and
+    their Pearson r within S1 does not change."""
     table, cache_dir = syn_cache
     td = load_training_data(table, ["timm:test_vit"], cache_dir, center_slides=True)
     raw = load_training_data(table, ["timm:test_vit"], cache_dir)
+    d = raw.X.shape[1]
     shifted = raw.X.copy()
-    shifted[raw.slides == "S1"] += np.linspace(-3, 3, raw.X.shape[1])
-    np.testing.assert_allclose(slide_centered(shifted, raw.slides), td.X, atol=1e-5)  # float32 features
+    s1 = raw.slides == "S1"
+    shifted[s1] += np.linspace(-3, 3, d)
+    F = slide_split(shifted, raw.slides)
+    np.testing.assert_allclose(F[:, :d], td.X[:, :d], atol=1e-5)  # float32 features
     a = fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path, folds=4, log=lambda *x: None,
                 training=td, center_slides=True)
+    from regress.runs import load_run
+
+    model = load_run(a.path).model()
+    moved = model.predict(F[s1]) - model.predict(td.X[s1])
+    np.testing.assert_allclose(moved, np.tile(moved[0], (int(s1.sum()), 1)), atol=1e-6)  # one constant per gene
     info = json.loads((a.path / "run.json").read_text())
     assert info["center_slides"] is True and info["identity_fields"]["center_slides"] is True
     assert a.path.name.endswith("-centered")
@@ -51,7 +71,7 @@ def test_predict_centres_the_test_slides_on_their_own_tiles(syn_cache, tmp_path)
     df.assign(ID="T" + df.ID).to_csv(test, index=False)
     got = predict_table(res.path, test, cache_dir=cache_dir, device="cpu")
     X = read_cache(next((cache_dir / "test_center").glob("*.h5"))).features.astype(np.float64)
-    expect = load_run(res.path).model().predict(slide_centered(X, df.slide.to_numpy()))
+    expect = load_run(res.path).model().predict(slide_split(X, df.slide.to_numpy()))
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expect, rtol=1e-5, atol=1e-5)
 
 

@@ -21,7 +21,7 @@ from featurize.transforms import resize_uint8
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-KW = dict(batch_size=8, progress=False, num_workers=0)
+KW = dict(batch_size=8, progress=False, num_workers=0, device="cpu")  # the CPU side, on a GPU machine too
 CPU = torch.device("cpu")
 
 
@@ -221,7 +221,7 @@ def test_a_write_error_in_the_writer_thread_stops_embed_and_keeps_the_rows_writt
 def test_stats_report_first_batch_apart_from_the_steady_rate(mixed, tmp_path, capsys):
     stats = {}
     embed(mixed, ["timm:test_resnet"], random_init=True, cache_dir=tmp_path, decode="device", stats=stats,
-          batch_size=4, progress=True, num_workers=0)
+          batch_size=4, progress=True, num_workers=0, device="cpu")
     assert stats["rows"] == 20 and stats["first_batch_s"] > 0 and stats["steady_tiles_s"] > 0
     # the steady rate counts the 16 rows after the first batch over the time after it, not all 20
     assert stats["steady_tiles_s"] * (stats["seconds"] - stats["first_batch_s"]) == pytest.approx(16, rel=1e-6)

@@ -100,8 +100,9 @@ def big_jpeg_table(big_table, tmp_path_factory):
 
 
 def test_sigkill_with_device_decoding_then_rerun_gives_the_same_bytes(big_jpeg_table, tmp_path):
-    ref = embed(big_jpeg_table, ["efficientnet_lite0"], cache_dir=tmp_path / "ref", decode="device", **KW)[0]
-    cmd = _embed_cmd(big_jpeg_table, tmp_path / "c", "--decode", "device")
+    ref = embed(big_jpeg_table, ["efficientnet_lite0"], cache_dir=tmp_path / "ref", decode="device", device="cpu",
+                **KW)[0]
+    cmd = _embed_cmd(big_jpeg_table, tmp_path / "c", "--decode", "device", "--device", "cpu")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     _wait_for_rows(tmp_path / "c", proc)
     proc.send_signal(signal.SIGKILL)
