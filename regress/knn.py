@@ -9,12 +9,12 @@ the largest k, and every smaller k is a prefix of them.
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval
-from numbers import Integral
 
 from regress.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits

@@ -13,12 +13,10 @@ The fitted model is linear (``coef_``, ``intercept_``), like ridge's.
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 
 from regress.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits

@@ -2,8 +2,6 @@
 the same code path that uses nvJPEG on CUDA (tests/test_cuda.py runs the CUDA side)."""
 import io
 import json
-import signal
-import subprocess
 
 import h5py
 import numpy as np
