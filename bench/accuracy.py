@@ -35,23 +35,16 @@ from featurize.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
 from featurize.table import read_table  # noqa: E402
 from regress.fit import fit_run  # noqa: E402
-from regress.metrics import pcc_per_gene  # noqa: E402
-from regress.runs import load_run  # noqa: E402
+from regress.metrics import evaluate_by_fold, pcc_per_gene  # noqa: E402
+from regress.runs import open_result  # noqa: E402
 from regress.stack import stack_runs  # noqa: E402
 
 
 def by_section(path: Path) -> tuple[float, list[float], float]:
     """(mean PCC/gene by held-out section, each section's, pooled PCC/gene over all out-of-fold rows)."""
-    d = load_run(path).data() if (path / "run.json").is_file() else None
-    if d is None:
-        from regress.runs import open_result
-
-        d = open_result(path).data()
-    secs = []
-    for s in sorted(set(d.slides)):
-        m = d.slides == s
-        secs.append(float(np.nanmean(pcc_per_gene(d.y[m], d.oof[m]))))
-    return float(np.mean(secs)), secs, float(np.nanmean(pcc_per_gene(d.y, d.oof)))
+    d = open_result(path).data()
+    folds = evaluate_by_fold(d.y, d.oof, d.slides)
+    return folds["pcc_gene_mean_by_fold"], folds["pcc_gene_mean_folds"], float(np.nanmean(pcc_per_gene(d.y, d.oof)))
 
 
 def main() -> int:

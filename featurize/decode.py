@@ -133,14 +133,18 @@ def resize_on_device(images: Sequence, key: tuple):
     resize = key[2] if len(key) > 2 else 0
     target = resize or size
     mode = {"lanczos": "bicubic"}.get(interp, interp)  # torch has no Lanczos; bicubic with antialias is closest
-    out = []
-    for img in images:
-        x = img.unsqueeze(0)
-        if tuple(x.shape[-2:]) != (target, target):
-            kw = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    kw = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    by_shape: dict[tuple, list[int]] = {}  # one interpolation per distinct tile size, not per tile
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape[-2:]), []).append(i)
+    out = [None] * len(images)
+    for shape, idx in by_shape.items():
+        x = torch.stack([images[i] for i in idx])
+        if shape != (target, target):
             x = F.interpolate(x.float(), size=(target, target), mode=mode, **kw).round_().clamp_(0, 255).to(torch.uint8)
         if resize and resize != size:
             off = int(round((resize - size) / 2.0))
             x = x[..., off : off + size, off : off + size]
-        out.append(x)
-    return torch.cat(out) if out else None
+        for j, i in enumerate(idx):
+            out[i] = x[j]
+    return torch.stack(out) if out else None

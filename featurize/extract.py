@@ -126,13 +126,16 @@ def final_cache_paths(table: TileTable, backbones: Sequence[str], *, weights: di
     """The standard cache file each backbone's embedding of ``table`` goes to (nothing is embedded)."""
     dev = resolve_device(device)
     decoder = resolve_decoder(decode, dev)
-    out = []
-    for name in dict.fromkeys(backbones):
-        spec = get_spec(name)
-        w = resolve_weights(spec, (weights or {}).get(name), random_init)
-        out.append(cache_path(cache_dir, CacheKey(table.name, spec, w, tta, dtype, compute_dtype(dev, spec),
-                                                  decoder=decoder)))
-    return out
+    return [cache_path(cache_dir, _cache_key(table.name, name, weights or {}, random_init, tta, dtype, dev, decoder))
+            for name in dict.fromkeys(backbones)]
+
+
+def _cache_key(table_name: str, name: str, weights: dict[str, str], random_init: bool, tta: int, dtype: str, dev,
+               decoder: str) -> CacheKey:
+    """The cache key of backbone ``name``'s embedding of a table: the one place it is built."""
+    spec = get_spec(name)
+    w = resolve_weights(spec, weights.get(name), random_init)
+    return CacheKey(table_name, spec, w, tta, dtype, compute_dtype(dev, spec), decoder=decoder)
 
 
 @dataclass
@@ -272,11 +275,9 @@ def embed(
 
     jobs: list[_Job] = []
     for name in dict.fromkeys(backbones):
-        spec = get_spec(name)
-        w = resolve_weights(spec, weights.get(name), random_init)
-        key = CacheKey(full.name, spec, w, tta, dtype, compute_dtype(dev, spec), decoder=decoder)
+        key = _cache_key(full.name, name, weights, random_init, tta, dtype, dev, decoder)
         final = cache_path(cache_dir, key)
-        jobs.append(_Job(spec, w, key, shard_path(final, *shard) if shard is not None else final))
+        jobs.append(_Job(key.spec, key.weights, key, shard_path(final, *shard) if shard is not None else final))
 
     with ExitStack() as stack:
         todo: list[_Job] = []
@@ -350,16 +351,15 @@ def embed(
                 raise ImageError(f"{err} (row {row + 2} of {table.source}; nothing was marked complete)")
             skipped.extend(st.bad)
             stager.wait(st)
-            pos = {int(r): k for k, r in enumerate(st.good)}
             for k, job in enumerate(todo):
                 sel = need[k, st.rows]
                 if not sel.any():
                     continue
                 jrows = st.rows[sel]
-                good = np.array([int(r) in pos for r in jrows])
+                good = np.isin(jrows, st.good)
                 out = None
                 if good.any():
-                    take = [pos[int(r)] for r in jrows[good]]
+                    take = np.searchsorted(st.good, jrows[good])  # st.good is sorted
                     batch = st.pixels[job.spec.preprocess_key]
                     if len(take) != len(batch):
                         batch = batch[torch.as_tensor(take, device=batch.device)]

@@ -184,9 +184,7 @@ class WriteBehind:
 
     def close(self) -> None:
         """Wait for every queued write; raise the first write error, if any."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self.abort()
         self._raise()
 
     def abort(self) -> None:
