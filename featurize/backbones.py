@@ -8,10 +8,19 @@ fingerprint hashes it, so two backbones can never share a cache by accident.
 The registry raises on duplicate names and drives the CLI's ``--backbone``
 choices.  Any timm model is also reachable as ``timm:<name>`` (spec built from
 timm's pretrained config when asked, never at import time).
+
+Variants of any backbone are named, never configured elsewhere, so a variant
+is a spec like any other (own cache key, own runs): ``NAME+stages`` appends
+the global average of every stage's feature map to the embedding, and
+``NAME@SIZE`` feeds the tile at SIZE px (a convolutional backbone sees the
+tissue magnified: ``efficientnet_lite0@448`` is lite0 at 2x), e.g.
+``efficientnet_lite0+stages@448``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from typing import Any
 
 from featurize.errors import BackboneError
@@ -40,7 +49,9 @@ class BackboneSpec:
     ``pooling`` is ``head`` (the model's ``forward_head(..., pre_logits=True)``:
     the class token for ViTs), ``cls+mean`` (class token concatenated with the
     mean patch token, as Virchow recommends) or ``layer3-avg`` (a ResNet cut
-    after its third stage and average-pooled, HEST's truncated ResNet50).
+    after its third stage and average-pooled, HEST's truncated ResNet50) or
+    ``stages`` (the average of each stage's feature map from timm's
+    ``forward_intermediates``, shallow to deep, then the ``head`` embedding).
     ``resize_size`` > 0 resizes the tile to that square size and centre-crops
     ``input_size`` (Prov-GigaPath: 256 then 224); 0 resizes straight to
     ``input_size``.
@@ -95,7 +106,7 @@ class BackboneSpec:
         return d
 
 
-POOLINGS = ("head", "cls+mean", "layer3-avg")
+POOLINGS = ("head", "cls+mean", "layer3-avg", "stages")
 WEIGHT_FORMATS = ("timm", "ordered", "hf-dinov2", "conch")
 _ADDED_FIELDS = {"resize_size": 0}  # field -> default: left out of the key at the default
 
@@ -119,11 +130,52 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY.names())
 
 
+_VARIANT = re.compile(r"^(?P<base>.+?)(?P<stages>\+stages)?(?:@(?P<size>\d+))?$")
+MIN_INPUT, MAX_INPUT = 32, 2048
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by registry name or ``timm:<model>``."""
-    if name.startswith("timm:") and name not in _REGISTRY:
+    """Look a backbone up by registry name, ``timm:<model>``, or a variant of either (``+stages``, ``@SIZE``)."""
+    if name in _REGISTRY:
+        return _REGISTRY.get(name)
+    m = _VARIANT.match(name)
+    if m and (m["stages"] or m["size"]):
+        return _variant_spec(name, m["base"], bool(m["stages"]), int(m["size"]) if m["size"] else 0)
+    if name.startswith("timm:"):
         return _timm_spec(name)
-    return _REGISTRY.get(name, hint=" or any timm model as timm:<name>")
+    return _REGISTRY.get(name, hint=", any timm model as timm:<name>, or a variant NAME+stages, NAME@SIZE")
+
+
+@cache
+def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> BackboneSpec:
+    """The spec of ``base_name`` with stage pooling and/or another input size (checked on the built model)."""
+    base = get_spec(base_name)
+    if size and not MIN_INPUT <= size <= MAX_INPUT:
+        raise BackboneError(f"backbone '{name}': input size {size} px is outside {MIN_INPUT}-{MAX_INPUT}.")
+    if size and base.resize_size:
+        raise BackboneError(f"backbone '{name}': '{base_name}' resizes to {base.resize_size} then crops "
+                            f"{base.input_size}; '@SIZE' is only for backbones that resize straight to their input.")
+    if stages and base.pooling != "head":
+        raise BackboneError(f"backbone '{name}': '+stages' extends the 'head' embedding, but '{base_name}' pools "
+                            f"'{base.pooling}'.")
+    import torch
+
+    from featurize.models import build_model  # local: models imports this module
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(base)
+    if size and hasattr(model, "patch_embed"):
+        raise BackboneError(f"backbone '{name}': '{base_name}' is a vision transformer built for "
+                            f"{base.input_size} px tiles; '@SIZE' is for convolutional backbones.")
+    dim = base.embed_dim
+    if stages:
+        info = getattr(model, "feature_info", None)
+        if not hasattr(model, "forward_intermediates") or not isinstance(info, list) or not info:
+            raise BackboneError(f"backbone '{name}': {base.architecture} has no stage outputs "
+                                f"(timm forward_intermediates); use '{base_name}' without '+stages'.")
+        dim += sum(int(f["num_chs"]) for f in info)
+    return replace(base, name=name, input_size=size or base.input_size, embed_dim=dim,
+                   pooling="stages" if stages else base.pooling)
 
 
 def _timm_spec(name: str) -> BackboneSpec:

@@ -74,6 +74,8 @@ def embedding_dim(model, spec: BackboneSpec) -> int:
     """Embedding size of ``model`` under the spec's pooling, without a forward pass."""
     if spec.pooling == "layer3-avg":
         return int(model.feature_info[3]["num_chs"])
+    if spec.pooling == "stages":
+        return sum(int(f["num_chs"]) for f in model.feature_info) + int(model.num_features)
     nf = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
     return 2 * nf if spec.pooling == "cls+mean" else nf
 
@@ -89,10 +91,16 @@ def extract(model, spec: BackboneSpec, x):
 
     ``cls+mean`` pooling instead concatenates the class token with the mean of
     the patch tokens (prefix/register tokens excluded); ``layer3-avg`` averages
-    a ResNet's third-stage feature map (HEST's truncated ResNet50).
+    a ResNet's third-stage feature map (HEST's truncated ResNet50); ``stages``
+    averages every stage's feature map and appends the ``head`` embedding.
     """
     if spec.pooling == "layer3-avg":
         return _resnet_to_layer3(model, x).mean(dim=(2, 3))
+    if spec.pooling == "stages":
+        import torch
+
+        final, maps = model.forward_intermediates(x)
+        return torch.cat([m.mean(dim=(2, 3)) for m in maps] + [model.forward_head(final, pre_logits=True)], dim=-1)
     feats = model.forward_features(x)
     if spec.pooling == "cls+mean":
         import torch

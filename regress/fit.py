@@ -70,7 +70,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     fold_of = np.zeros(len(td.ids), dtype=np.int32)
     for f, (_, val) in enumerate(splits):
         fold_of[val] = f
-    if device.startswith("cuda") and head in ("pls", "mean", "knn"):
+    if device.startswith("cuda") and not is_plugin(head) and "device" not in est.get_params(deep=False):
         log(f"[fit] note: head '{head}' has no GPU path and runs on the CPU.")
     params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}
     identity_fields = {

@@ -78,6 +78,14 @@ def _knn(device, seed):
     return KNNHead(random_state=seed)
 
 
+@_preset("krr", "RBF kernel ridge on standardised features, width and alpha per gene by (grouped) 5-fold CV on "
+                "Pearson r (non-linear; up to 20,000 training tiles)")
+def _krr(device, seed):
+    from regress.krr import KernelRidgeHead
+
+    return KernelRidgeHead(random_state=seed)
+
+
 @_preset("pls", "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV")
 def _pls(device, seed):
     from regress.pls import PLSHead

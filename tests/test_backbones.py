@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import timm
 import torch
@@ -105,3 +106,69 @@ def test_weights_file_roundtrip_records_sha(tmp_path):
 def test_spec_validation():
     with pytest.raises(BackboneError):
         BackboneSpec("x", "vit_small_patch16_224", "none", 224, (0, 0, 0), (1, 1, 1), "cubic", 384)
+
+
+# --- variants: NAME+stages, NAME@SIZE (issue: accuracy) ---
+
+def test_variant_specs_differ_from_their_base_only_where_named():
+    base = get_spec("efficientnet_lite0")
+    big, st, both = (get_spec(n) for n in ("efficientnet_lite0@448", "efficientnet_lite0+stages",
+                                            "efficientnet_lite0+stages@448"))
+    assert (big.input_size, big.pooling, big.embed_dim) == (448, "head", 1280)
+    assert (st.input_size, st.pooling, st.embed_dim) == (224, "stages", 16 + 24 + 40 + 112 + 320 + 1280)
+    assert (both.input_size, both.pooling, both.embed_dim) == (448, "stages", st.embed_dim)
+    assert big.weights == base.weights and big.mean == base.mean and big.interpolation == base.interpolation
+    keys = {str(s.to_dict()) for s in (base, big, st, both)}
+    assert len(keys) == 4  # four caches, never shared
+    assert "448" in big.transform and big.preprocess_key != base.preprocess_key
+
+
+@pytest.mark.parametrize("name, words", [
+    ("vit_base@448", "vision transformer"),
+    ("efficientnet_lite0@16", "outside"),
+    ("prov_gigapath@448", "resizes to 256"),
+    ("virchow2+stages", r"pools 'cls\+mean'"),
+    ("nosuch+stages", "unknown backbone 'nosuch'"),
+])
+def test_variants_that_cannot_work_are_refused_with_the_reason(name, words):
+    with pytest.raises(BackboneError, match=words):
+        get_spec(name)
+
+
+def test_stage_pooling_is_each_stage_map_averaged_then_the_head_embedding():
+    """Brute force: forward hooks on the modules timm names as stage outputs, one plain forward pass."""
+    from featurize.models import build_model, extract
+
+    st, base = get_spec("efficientnet_lite0+stages@96"), get_spec("efficientnet_lite0@96")
+    torch.manual_seed(0)
+    model = build_model(base).eval()
+    x = torch.randn(2, 3, 96, 96)
+    maps = {}
+    hooks = [model.get_submodule(f["module"]).register_forward_hook(
+        lambda m, i, o, key=f["module"]: maps.__setitem__(key, o.mean(dim=(2, 3)))) for f in model.feature_info]
+    with torch.no_grad():
+        head = extract(model, base, x)
+        for h in hooks:
+            h.remove()
+        got = extract(model, st, x)
+    want = torch.cat([maps[f["module"]] for f in model.feature_info] + [head], dim=-1)
+    assert got.shape == (2, st.embed_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_variant_embeds_and_fits_by_its_name(syn_table, tmp_path):
+    from featurize.cache import find_cache, read_cache
+    from featurize.extract import embed
+    from featurize.table import read_table
+    from regress.fit import fit_run
+
+    name = "timm:test_resnet+stages@48"
+    path = embed(syn_table, [name], random_init=True, cache_dir=tmp_path / "c", batch_size=16, progress=False,
+                 num_workers=0)[0]
+    table = read_table(syn_table)
+    assert find_cache(table, name, tmp_path / "c") == path and "+" not in path.name and "@" not in path.name
+    feats = read_cache(path).features
+    assert feats.shape == (len(table), get_spec(name).embed_dim) and np.isfinite(feats).all()
+    res = fit_run(table, [name], "ridge", cache_dir=tmp_path / "c", runs_dir=tmp_path / "runs", folds=2, seed=0,
+                  device="cpu", log=lambda *a: None)
+    assert res.path.exists()

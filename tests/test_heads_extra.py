@@ -1,4 +1,4 @@
-"""The accuracy issue's heads against brute-force versions: reduced-rank ridge and kNN."""
+"""The accuracy issue's heads against brute-force versions: reduced-rank ridge, kNN and kernel ridge."""
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
@@ -8,8 +8,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from regress.knn import KNNHead
-from regress.rrr import ReducedRankRidgeHead
+from regress.krr import KernelRidgeHead
 from regress.ridge import RidgeHead
+from regress.rrr import ReducedRankRidgeHead
 
 
 def _low_rank(n=200, d=30, g=40, rank=3, noise=2.0, seed=0):
@@ -96,6 +97,72 @@ def test_knn_choice_of_k_by_cv_is_brute_force_cross_validation():
             sse[i] += ((m.fit(X[train], Y[train]).predict(X[val]) - Y[val]) ** 2).sum(0)
     np.testing.assert_allclose(h.cv_scores_, -sse / 90, rtol=1e-9)
     np.testing.assert_array_equal(h.k_, np.array((2, 6, 15))[np.argmax(-sse, axis=0)])
+
+
+# ---------------------------------------------------------------- kernel ridge
+def _krr_ref(X, Y, g, a, Xnew):
+    """sklearn: standardise on the training rows, KernelRidge(rbf, gamma = g / d) on the centred targets."""
+    from sklearn.kernel_ridge import KernelRidge
+
+    sc = StandardScaler().fit(X)
+    mu = Y.mean(0)
+    return KernelRidge(alpha=a, kernel="rbf", gamma=g / X.shape[1]).fit(sc.transform(X), Y - mu).predict(
+        sc.transform(Xnew)) + mu
+
+
+def test_kernel_ridge_equals_sklearn_kernel_ridge_at_each_genes_width_and_alpha():
+    X, Y = _low_rank(n=150, d=10, g=6, noise=0.5)
+    h = KernelRidgeHead(widths=(0.1, 1.0), alphas=(0.1, 1.0, 10.0), cv=3).fit(X[:120], Y[:120])
+    P = h.predict(X[120:])
+    for g in range(Y.shape[1]):
+        ref = _krr_ref(X[:120], Y[:120, g:g + 1], h.width_[g], h.alpha_[g], X[120:])[:, 0]
+        np.testing.assert_allclose(P[:, g], ref, rtol=1e-7, atol=1e-8)
+    assert len({(w, a) for w, a in zip(h.width_, h.alpha_)}) >= 1
+
+
+@pytest.mark.parametrize("scoring", ["pcc", "mse"])
+def test_kernel_ridge_choice_is_brute_force_grouped_cross_validation(scoring):
+    from regress.cv import make_splits
+
+    X, Y = _low_rank(n=90, d=6, g=5, noise=1.0)
+    groups = np.repeat(np.arange(3), 30)
+    widths, alphas = (0.3, 3.0), (0.05, 1.0, 20.0)
+    h = KernelRidgeHead(widths=widths, alphas=alphas, cv=3, scoring=scoring).fit(X, Y, groups=groups)
+    score = np.zeros((len(widths) * len(alphas), Y.shape[1]))
+    splits = make_splits(90, 3, groups, 0)
+    for train, val in splits:
+        for i, (w, a) in enumerate((w, a) for w in widths for a in alphas):
+            P = _krr_ref(X[train], Y[train], w, a, X[val])
+            if scoring == "mse":
+                score[i] -= ((P - Y[val]) ** 2).sum(0) / 90
+            else:
+                score[i] += np.array([np.corrcoef(P[:, j], Y[val, j])[0, 1] for j in range(Y.shape[1])]) / len(splits)
+    np.testing.assert_allclose(h.cv_scores_, score, rtol=1e-6, atol=1e-9)
+    best = np.argmax(score, axis=0)
+    np.testing.assert_array_equal(h.width_, np.array(widths)[best // len(alphas)])
+    np.testing.assert_array_equal(h.alpha_, np.array(alphas)[best % len(alphas)])
+    glob = KernelRidgeHead(widths=widths, alphas=alphas, cv=3, scoring=scoring, per_target=False).fit(X, Y, groups=groups)
+    one = np.argmax(score.sum(axis=1))
+    assert (glob.width_ == widths[one // len(alphas)]).all() and (glob.alpha_ == alphas[one % len(alphas)]).all()
+
+
+def test_kernel_ridge_learns_what_a_linear_head_cannot():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, (400, 3))
+    Y = np.column_stack([np.sin(2 * X[:, 0]), X[:, 1] ** 2]) + 0.1 * rng.standard_normal((400, 2))
+    k = KernelRidgeHead().fit(X[:300], Y[:300])
+    r = RidgeHead().fit(X[:300], Y[:300])
+    err_k = ((k.predict(X[300:]) - Y[300:]) ** 2).mean()
+    err_r = ((r.predict(X[300:]) - Y[300:]) ** 2).mean()
+    assert err_k < 0.3 * err_r
+
+
+def test_kernel_ridge_refuses_more_rows_than_its_kernel_may_hold():
+    from featurize.errors import UsageError
+
+    X, Y = _low_rank(n=50, d=4, g=2)
+    with pytest.raises(UsageError, match="50 training rows.*use --head ridge"):
+        KernelRidgeHead(max_samples=40).fit(X, Y)
 
 
 # ---------------------------------------------------------------- the selecting stack

@@ -2,6 +2,7 @@
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from regress.knn import KNNHead
+from regress.krr import KernelRidgeHead
 from regress.mlp import MLPHead
 from regress.pls import PLSHead
 from regress.ridge import RidgeHead
@@ -10,7 +11,8 @@ from regress.rrr import ReducedRankRidgeHead
 
 @parametrize_with_checks([RidgeHead(), RidgeHead(cv="gcv"), PLSHead(n_components=2), PLSHead(),
                           MLPHead(hidden=32, max_epochs=100, lr=1e-2), ReducedRankRidgeHead(ranks=(1, 2, 8)),
-                          KNNHead(n_neighbors=(1, 3), n_components=4, cv=3)])
+                          KNNHead(n_neighbors=(1, 3), n_components=4, cv=3),
+                          KernelRidgeHead(widths=(0.3, 1.0), alphas=(0.1, 1.0), cv=3)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 

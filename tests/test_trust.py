@@ -113,7 +113,8 @@ def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
 
 
 # ------------------------------------------------------------------ no pickle for the built-in heads
-@pytest.mark.parametrize("head", ["ridge", "ridge-pcc", "hest", "ridge-rr", "knn", "pls", "mlp", "mean"])
+@pytest.mark.parametrize("head", ["ridge", "ridge-pcc", "hest", "ridge-rr", "knn", "krr", "pls", "mlp",
+                                  "mean"])
 def test_built_in_heads_round_trip_without_pickle(head, tmp_path):
     from regress.heads import make_head
     from regress.persist import load_model, save_model
