@@ -152,6 +152,9 @@ def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> Backbon
     base = get_spec(base_name)
     if size and not MIN_INPUT <= size <= MAX_INPUT:
         raise BackboneError(f"backbone '{name}': input size {size} px is outside {MIN_INPUT}-{MAX_INPUT}.")
+    if size == base.input_size:
+        raise BackboneError(f"backbone '{name}': {size} px is already the input size of '{base_name}'; "
+                            f"use '{base_name}{'+stages' if stages else ''}'.")
     if size and base.resize_size:
         raise BackboneError(f"backbone '{name}': '{base_name}' resizes to {base.resize_size} then crops "
                             f"{base.input_size}; '@SIZE' is only for backbones that resize straight to their input.")
@@ -162,8 +165,11 @@ def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> Backbon
 
     from featurize.models import build_model  # local: models imports this module
 
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(base)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(base)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BackboneError(f"backbone '{name}': cannot build {base.architecture} ({exc}).") from exc
     if size and hasattr(model, "patch_embed"):
         raise BackboneError(f"backbone '{name}': '{base_name}' is a vision transformer built for "
                             f"{base.input_size} px tiles; '@SIZE' is for convolutional backbones.")

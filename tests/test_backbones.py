@@ -126,6 +126,7 @@ def test_variant_specs_differ_from_their_base_only_where_named():
 @pytest.mark.parametrize("name, words", [
     ("vit_base@448", "vision transformer"),
     ("efficientnet_lite0@16", "outside"),
+    ("efficientnet_lite0+stages@224", "use 'efficientnet_lite0\\+stages'"),
     ("prov_gigapath@448", "resizes to 256"),
     ("virchow2+stages", r"pools 'cls\+mean'"),
     ("nosuch+stages", "unknown backbone 'nosuch'"),
