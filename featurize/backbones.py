@@ -163,7 +163,7 @@ def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> Backbon
                             f"'{base.pooling}'.")
     import torch
 
-    from featurize.models import build_model  # local: models imports this module
+    from featurize.models import build_model, embedding_dim  # local: models imports this module
 
     try:
         with torch.random.fork_rng(devices=[]):
@@ -173,15 +173,12 @@ def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> Backbon
     if size and hasattr(model, "patch_embed"):
         raise BackboneError(f"backbone '{name}': '{base_name}' is a vision transformer built for "
                             f"{base.input_size} px tiles; '@SIZE' is for convolutional backbones.")
-    dim = base.embed_dim
-    if stages:
-        info = getattr(model, "feature_info", None)
-        if not hasattr(model, "forward_intermediates") or not isinstance(info, list) or not info:
-            raise BackboneError(f"backbone '{name}': {base.architecture} has no stage outputs "
-                                f"(timm forward_intermediates); use '{base_name}' without '+stages'.")
-        dim += sum(int(f["num_chs"]) for f in info)
-    return replace(base, name=name, input_size=size or base.input_size, embed_dim=dim,
-                   pooling="stages" if stages else base.pooling)
+    if stages and not (hasattr(model, "forward_intermediates") and isinstance(getattr(model, "feature_info", None), list)
+                       and model.feature_info):
+        raise BackboneError(f"backbone '{name}': {base.architecture} has no stage outputs "
+                            f"(timm forward_intermediates); use '{base_name}' without '+stages'.")
+    spec = replace(base, name=name, input_size=size or base.input_size, pooling="stages" if stages else base.pooling)
+    return replace(spec, embed_dim=embedding_dim(model, spec))
 
 
 def _timm_spec(name: str) -> BackboneSpec:

@@ -33,6 +33,12 @@ def scale_or_one(mean, std, xp=np):
     return xp.where(constant, xp.ones_like(std), std), constant
 
 
+def standardizer(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of each column: ``(A - mean) / scale`` standardises it, constant columns only centred."""
+    mean, std = column_moments(A)
+    return mean, scale_or_one(mean, std)[0]
+
+
 class HeadParamError(UsageError, InvalidParameterError):
     """A head's constructor parameter is out of its declared range (``_parameter_constraints``)."""
 

@@ -16,14 +16,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval
 
-from regress.base import MultiOutputHead, column_moments, scale_or_one
+from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
 
 
 def _whitener(X: np.ndarray, n_components: int):
     """(mean, projection) so that ``(X - mean) @ projection`` is standardised, PCA-rotated and whitened."""
-    mean, std = column_moments(X)
-    std, _ = scale_or_one(mean, std)
+    mean, std = standardizer(X)
     Z = (X - mean) / std
     _, s, Vt = np.linalg.svd(Z, full_matrices=False)
     k = min(n_components, int(np.sum(s > s[0] * 1e-7)) if len(s) and s[0] > 0 else 1)

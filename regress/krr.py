@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from featurize.errors import UsageError
-from regress.base import MultiOutputHead, column_moments, scale_or_one
+from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
 from regress.metrics import pcc_per_gene
 
@@ -38,12 +38,6 @@ def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances between the rows of A and of B (float64, clipped at 0)."""
     d = np.einsum("ij,ij->i", A, A)[:, None] + np.einsum("ij,ij->i", B, B)[None, :] - 2.0 * (A @ B.T)
     return np.maximum(d, 0.0)
-
-
-def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = column_moments(X)
-    std, _ = scale_or_one(mean, std)
-    return mean, std
 
 
 def _spectrum(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +111,7 @@ class KernelRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             score = np.zeros((widths.size, alphas.size, Y.shape[1]))
             splits = make_splits(n, self.cv, groups, self.random_state)
             for train, val in splits:
-                mean, std = _standardizer(X[train])
+                mean, std = standardizer(X[train])
                 A, B = (X[train] - mean) / std, (X[val] - mean) / std
                 D_tr, D_val = _sq_dists(A, A), _sq_dists(B, A)
                 y_mean = Y[train].mean(axis=0)
@@ -137,7 +131,7 @@ class KernelRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         self.width_grid_, self.alpha_grid_ = widths, alphas
         self.width_ = widths[pick // alphas.size]
         self.alpha_ = alphas[pick % alphas.size]
-        self.x_mean_, self.x_scale_ = _standardizer(X)
+        self.x_mean_, self.x_scale_ = standardizer(X)
         A = (X - self.x_mean_) / self.x_scale_
         self.y_mean_ = Y.mean(axis=0)
         D = _sq_dists(A, A)

@@ -15,7 +15,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from featurize.device import resolve_device
-from regress.base import MultiOutputHead, column_moments, scale_or_one
+from regress.base import MultiOutputHead, standardizer
 
 
 class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
@@ -82,10 +82,8 @@ class MLPHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         torch.manual_seed(self.random_state)
         train, val = _inner_split(n, groups, self.val_fraction, rng)
 
-        self.x_mean_, x_std = column_moments(X[train])
-        self.x_std_ = scale_or_one(self.x_mean_, x_std)[0]
-        self.y_mean_, y_std = column_moments(Y[train])
-        self.y_std_ = scale_or_one(self.y_mean_, y_std)[0]
+        self.x_mean_, self.x_std_ = standardizer(X[train])
+        self.y_mean_, self.y_std_ = standardizer(Y[train])
         Xt = torch.from_numpy(((X - self.x_mean_) / self.x_std_).astype(np.float32)).to(dev)
         Yt = torch.from_numpy(((Y - self.y_mean_) / self.y_std_).astype(np.float32)).to(dev)
         tr = torch.from_numpy(train).to(dev)

@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from regress.base import MultiOutputHead, column_moments, scale_or_one
+from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
 from regress.ridge import DEFAULT_ALPHAS, RidgeHead
 
 
 def _axes(Y: np.ndarray):
     """(mean, scale, V): standardisation of Y and its principal axes (genes x components), largest first."""
-    mean, std = column_moments(Y)
-    std, _ = scale_or_one(mean, std)
+    mean, std = standardizer(Y)
     _, s, Vt = np.linalg.svd((Y - mean) / std, full_matrices=False)
     keep = s > (s[0] * 1e-7 if len(s) and s[0] > 0 else np.inf)
     return mean, std, Vt[keep].T
