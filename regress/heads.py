@@ -63,7 +63,7 @@ def _hest(device, seed):
 
 
 @_preset("ridge-rr", "reduced-rank ridge: ridge on the genes' principal components, rank per gene from "
-                     "(4..128, all) by (grouped) 5-fold CV")
+                     "(4..128, all) by (grouped) 5-fold CV on Pearson r")
 def _ridge_rr(device, seed):
     from regress.rrr import ReducedRankRidgeHead
 
@@ -117,7 +117,8 @@ def head_choices_help() -> str:
 
 
 def parse_head_params(values: Sequence[str] | None) -> dict[str, Any]:
-    """``["alpha=3", "fit_intercept=False", "solver=lsqr"]`` -> typed values (Python literals, else strings)."""
+    """``["alpha=3", "fit_intercept=False", "solver=lsqr"]`` -> typed values (Python literals, else strings;
+    ``true``/``false``/``none`` in any case are the booleans and None, as a shell user writes them)."""
     out: dict[str, Any] = {}
     for v in values or []:
         name, sep, raw = v.partition("=")
@@ -126,6 +127,10 @@ def parse_head_params(values: Sequence[str] | None) -> dict[str, Any]:
             raise UsageError(f"--head-param {v!r}: write NAME=VALUE, e.g. --head-param alpha=3.")
         if name in out:
             raise UsageError(f"--head-param {name} is given twice; give it once.")
+        words = {"true": True, "false": False, "none": None}
+        if raw.strip().lower() in words:
+            out[name] = words[raw.strip().lower()]
+            continue
         try:
             out[name] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

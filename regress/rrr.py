@@ -4,8 +4,10 @@ Thousands of genes share a few programmes.  The standardised expression
 matrix is rotated onto its principal axes (``Ys = Z V'``); one ridge
 (:class:`regress.ridge.RidgeHead`, alpha per component by CV) predicts the
 component scores ``Z``; a gene is predicted from the first ``r`` components
-only, ``r`` chosen per gene from ``ranks`` by (grouped) K-fold CV on MSE.  In
-each CV fold the axes come from that fold's training rows alone.  All ranks are
+only, ``r`` chosen per gene from ``ranks`` by (grouped) K-fold CV: by default on
+each validation fold's Pearson r averaged over the folds (the by-section score;
+``scoring="mse"`` for mean squared error).  In each CV fold the axes come from
+that fold's training rows alone.  All ranks are
 scored from one ridge per fold, because ridge fits each component on its own:
 the rank-r model is the first r component models.
 
@@ -17,9 +19,11 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils._param_validation import StrOptions
 
 from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
+from regress.metrics import pcc_per_gene
 from regress.ridge import DEFAULT_ALPHAS, RidgeHead
 
 
@@ -55,6 +59,9 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         Ridge alpha grid, chosen per component by CV.
     cv : int
         K-fold CV, grouped when ``groups`` are given (for the alphas and the ranks).
+    scoring : "pcc" or "mse"
+        What the rank choice maximises: each validation fold's Pearson r averaged over the folds, or -MSE.
+        (The component alphas are chosen on MSE of the component scores.)
     device : "cpu" or "cuda"
         Where the ridge runs.
     random_state : int
@@ -66,15 +73,17 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         "ranks": ["array-like"],
         "alphas": ["array-like"],
         "cv": ["cv_object"],
+        "scoring": [StrOptions({"mse", "pcc"})],
         "device": [str],
         "random_state": ["random_state"],
     }
 
     def __init__(self, ranks: Any = (4, 8, 16, 32, 64, 128, 100_000), alphas: Any = DEFAULT_ALPHAS, cv: Any = 5,
-                 device: str = "cpu", random_state: int = 0):
+                 scoring: str = "pcc", device: str = "cpu", random_state: int = 0):
         self.ranks = ranks
         self.alphas = alphas
         self.cv = cv
+        self.scoring = scoring
         self.device = device
         self.random_state = random_state
 
@@ -98,14 +107,18 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
             self.cv_scores_ = None
         else:
             groups = inner_groups(groups)
-            sse = np.zeros((len(ranks), g))
-            for train, val in make_splits(n, self.cv, groups, self.random_state):
+            score = np.zeros((len(ranks), g))
+            splits = make_splits(n, self.cv, groups, self.random_state)
+            for train, val in splits:
                 mean, std, V = _axes(Y[train])
                 Z = ((Y[train] - mean) / std) @ V
                 zhat = self._ridge().fit(X[train], Z, groups=None if groups is None else groups[train]).predict(X[val])
                 pred = _rank_predictions(zhat.reshape(len(val), -1), V, ranks, mean, std)
-                sse += ((pred - Y[val][None]) ** 2).sum(axis=1)
-            self.cv_scores_ = -sse / n  # (n_ranks, n_genes), higher is better
+                if self.scoring == "mse":
+                    score -= ((pred - Y[val][None]) ** 2).sum(axis=1) / n
+                else:  # a gene constant in a validation fold scores 0 there
+                    score += np.stack([np.nan_to_num(pcc_per_gene(Y[val], p)) for p in pred]) / len(splits)
+            self.cv_scores_ = score  # (n_ranks, n_genes), higher is better
             self.rank_ = np.asarray(ranks)[np.argmax(self.cv_scores_, axis=0)]
         self.ranks_ = np.asarray(ranks)
         mean, std, V = _axes(Y)

@@ -11,6 +11,12 @@ minimising :math:`\\|P_j w - y_j\\|^2` is ``nnls`` on the Cholesky factor
 :math:`\\sum w = 1`.  Option ``ridge``: per-gene ridge on the R predictions
 with an intercept.
 
+``center_folds``: the weights are learned on each CV fold's deviations from
+its own mean (predictions and targets centred within the fold), i.e. on the
+variation that the by-fold Pearson r scores; with folds grouped by slide, a
+run's slide offsets no longer cost it weight.  Prediction applies the same
+weights to the raw predictions (they sum to one per gene, so the scale stays).
+
 The stack's own score is cross-fitted: its weights for a fold are learned on
 the other folds' rows only.
 
@@ -42,15 +48,22 @@ from regress.runs import RUN_FORMAT, Run, RunData, identity_of, load_run, open_r
 class Stack(BaseEstimator):
     """Per-gene blend of R prediction matrices (each n x g)."""
 
-    def __init__(self, method: str = "nnls", alpha: float = 1.0):
+    def __init__(self, method: str = "nnls", alpha: float = 1.0, center_folds: bool = False):
         self.method = method
         self.alpha = alpha
+        self.center_folds = center_folds
 
     def fit(self, preds: Sequence[np.ndarray], Y: np.ndarray, fold: np.ndarray | None = None) -> "Stack":
-        """``fold``: the rows' CV fold, needed by ``select`` (its choices are cross-fitted over those folds)."""
+        """``fold``: the rows' CV fold, needed by ``select`` (its choices are cross-fitted over those folds)
+        and by ``center_folds``."""
         P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])  # R x n x g
         Y = np.asarray(Y, dtype=np.float64)
         R, n, g = P.shape
+        raw_means = P.mean(1), Y.mean(0)
+        if self.center_folds:
+            if fold is None:
+                raise UsageError("stack option center_folds needs the runs' CV folds.")
+            P, Y = _centered_within(P, np.asarray(fold)), _centered_within(Y[None], np.asarray(fold))[0]
         if self.method == "nnls":
             self.weights_ = _nnls_weights(P, Y)
             self.intercept_ = np.zeros(g)
@@ -69,6 +82,7 @@ class Stack(BaseEstimator):
             c = np.einsum("rnj,nj->jr", Pc, Y - ym)
             W = np.linalg.solve(G, c[..., None])[..., 0].T  # R x g
             self.weights_ = W
+            pm, ym = raw_means  # the intercept for raw predictions (the same unless center_folds)
             self.intercept_ = ym - (W * pm).sum(0)
         else:
             raise UsageError(f"stack method must be 'nnls', 'select' or 'ridge', got {self.method!r}.")
@@ -81,6 +95,15 @@ class Stack(BaseEstimator):
         if P.shape[0] != self.n_runs_:
             raise UsageError(f"stack was fitted on {self.n_runs_} runs, got {P.shape[0]} predictions.")
         return np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
+
+
+def _centered_within(A: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """``A`` (R x n x g) with each fold's own mean (per run and gene) removed from its rows."""
+    out = A.copy()
+    for f in np.unique(fold):
+        rows = fold == f
+        out[:, rows] -= A[:, rows].mean(axis=1, keepdims=True)
+    return out
 
 
 #: Shrinkage of per-gene weights toward the global blend that ``select`` chooses from (1 = per-gene weights only).
@@ -176,8 +199,11 @@ def check_runs(runs: list[Run]) -> tuple[RunData, list[np.ndarray]]:
 
 
 def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-               method: str = "nnls", alpha: float = 1.0, log=print, overwrite: bool = False) -> StackResult:
-    """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it."""
+               method: str = "nnls", alpha: float = 1.0, log=print, overwrite: bool = False,
+               center_folds: bool = False) -> StackResult:
+    """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it.
+
+    ``center_folds``: blend weights learned on the within-fold variation (see the module docstring)."""
     if len(run_paths) < 2:
         raise UsageError("stack needs at least two runs (--run A --run B, or --all TABLE).")
     if method not in ("nnls", "select", "ridge"):
@@ -188,9 +214,9 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
     for f in np.unique(fold):
         tr, va = fold != f, fold == f
-        st = Stack(method, alpha).fit([o[tr] for o in oofs], Y[tr], fold=fold[tr])
+        st = Stack(method, alpha, center_folds).fit([o[tr] for o in oofs], Y[tr], fold=fold[tr])
         stacked[va] = st.predict([o[va] for o in oofs])
-    final = Stack(method, alpha).fit(oofs, Y, fold=fold)
+    final = Stack(method, alpha, center_folds).fit(oofs, Y, fold=fold)
 
     def score(P):
         m = evaluate(Y, P, genes)
@@ -209,10 +235,10 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     table_name = Path(runs[0].info["table"]["path"]).stem
     out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table_name}"
     fields = {"format": RUN_FORMAT, "runs": [r.info.get("identity") for r in runs], "method": method,
-              "alpha": alpha if method == "ridge" else None}
+              "alpha": alpha if method == "ridge" else None, **({"center_folds": True} if center_folds else {})}
     info = {"format": RUN_FORMAT, "tool_version": __version__, "identity": identity_of(fields), "identity_fields": fields,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
-            "method": method, "alpha": alpha, "table": runs[0].info["table"], "genes": genes, "summary": summary,
+            "method": method, "alpha": alpha, "center_folds": bool(center_folds), "table": runs[0].info["table"], "genes": genes, "summary": summary,
             "random_init": any(r.info.get("random_init") for r in runs),
             "backbones": [b for r in runs for b in r.info["backbones"]],
             "mean_weights": final.weights_.mean(1).tolist(),

@@ -72,6 +72,37 @@ def test_reduced_rank_ridge_rank_choice_never_sees_the_validation_rows_axes(monk
     assert seen == [75, 75, 75, 75, 100]
 
 
+@pytest.mark.parametrize("scoring", ["pcc", "mse"])
+def test_reduced_rank_ridge_rank_choice_equals_brute_force_grouped_cv(scoring):
+    """Each gene's rank is the best of the grid under brute force: per grouped fold, a fresh head at each fixed
+    rank (same component alphas grid), scored by the fold's Pearson r averaged over folds, or by MSE."""
+    from regress.cv import make_splits
+
+    X, Y = _low_rank(n=160, d=25, g=15, noise=1.5, seed=3)
+    groups = np.repeat(np.arange(4), 40)
+    ranks = (1, 3, 6, 100)
+    h = ReducedRankRidgeHead(ranks=ranks, cv=4, scoring=scoring).fit(X, Y, groups=groups)
+    score = np.zeros((len(ranks), Y.shape[1]))
+    splits = make_splits(len(X), 4, groups, 0)
+    for train, val in splits:
+        for i, r in enumerate(ranks):
+            P = ReducedRankRidgeHead(ranks=(r,), cv=4).fit(X[train], Y[train], groups=groups[train]).predict(X[val])
+            if scoring == "mse":
+                score[i] -= ((P - Y[val]) ** 2).sum(0)
+            else:
+                score[i] += np.array([np.corrcoef(P[:, j], Y[val, j])[0, 1] for j in range(Y.shape[1])])
+    np.testing.assert_allclose(h.cv_scores_ * (len(X) if scoring == "mse" else len(splits)), score, rtol=1e-3,
+                               atol=1e-4)
+    np.testing.assert_array_equal(h.rank_, np.asarray(ranks)[np.argmax(score, axis=0)])
+
+
+def test_reduced_rank_ridge_refuses_an_unknown_scoring():
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="scoring"):
+        ReducedRankRidgeHead(scoring="r2").fit(*_low_rank(n=40))
+
+
 @pytest.mark.parametrize("ks", [(3,), (2, 5, 9)])
 def test_knn_equals_sklearn_pipeline_at_each_genes_k(ks):
     X, Y = _low_rank(n=140, d=12, g=6, noise=0.5)
@@ -207,3 +238,60 @@ def test_select_stack_needs_the_runs_folds():
     Y, fold, preds = _members()
     with pytest.raises(UsageError, match="folds"):
         Stack("select").fit(preds, Y)
+
+
+@pytest.mark.parametrize("method", ["nnls", "select", "ridge"])
+def test_center_folds_stack_learns_from_within_fold_variation_only(method):
+    """With center_folds the weights are those of the stacker fitted on the fold-centred predictions and targets
+    (brute force), so per-fold offsets added to a run change nothing; predictions keep the raw scale."""
+    from regress.stack import Stack, _nnls_weights
+
+    Y, fold, preds = _members(seed=2)
+    preds = preds[:3]
+    rng = np.random.default_rng(5)
+    shifted = [p.copy() for p in preds]
+    shifted[0] += rng.normal(0, 3.0, (4, Y.shape[1]))[fold]  # large per-fold offsets on run 0
+    Ys = Y + rng.normal(0, 2.0, (4, Y.shape[1]))[fold]
+    a = Stack(method, center_folds=True).fit(preds, Y, fold=fold)
+    b = Stack(method, center_folds=True).fit(shifted, Ys, fold=fold)
+    np.testing.assert_allclose(a.weights_, b.weights_, rtol=1e-9, atol=1e-12)
+    plain = Stack(method).fit(shifted, Ys, fold=fold)
+    assert not np.allclose(plain.weights_, b.weights_, atol=1e-3)  # without centring the offsets move the blend
+    if method == "nnls":
+        def centred(A):
+            A = A.copy()
+            for f in range(4):
+                A[fold == f] -= A[fold == f].mean(0)
+            return A
+        np.testing.assert_allclose(a.weights_, _nnls_weights(np.stack([centred(p) for p in preds]), centred(Y)),
+                                   rtol=1e-9, atol=1e-12)
+    # prediction applies the weights to the raw runs: a blend summing to one, or ridge with the raw intercept
+    P = b.predict(shifted)
+    blend = np.einsum("rnj,rj->nj", np.stack(shifted), b.weights_)
+    if method == "ridge":
+        np.testing.assert_allclose(P.mean(0), Ys.mean(0), atol=1e-9)
+        np.testing.assert_allclose(P - b.intercept_, blend, atol=1e-9)
+    else:
+        np.testing.assert_allclose(b.weights_.sum(0), 1.0, atol=1e-9)
+        np.testing.assert_allclose(P, blend, atol=1e-12)
+
+
+def test_center_folds_stack_needs_the_folds():
+    from featurize.errors import UsageError
+    from regress.stack import Stack
+
+    Y, _, preds = _members()
+    with pytest.raises(UsageError, match="folds"):
+        Stack("nnls", center_folds=True).fit(preds, Y)
+
+
+def test_head_params_read_shell_booleans_and_reach_the_head():
+    """``--head-param per_target=false`` (as typed in a shell) is the boolean False, not the string 'false'."""
+    from regress.heads import make_head, parse_head_params
+
+    p = parse_head_params(["per_target=false", "scoring=mse", "max_samples=500"])
+    assert p == {"per_target": False, "scoring": "mse", "max_samples": 500}
+    assert make_head("krr", params=p).per_target is False
+    assert parse_head_params(["alpha_per_target=TRUE", "n_components=None", "alphas=(1, 10)"]) == \
+        {"alpha_per_target": True, "n_components": None, "alphas": (1, 10)}
+    assert make_head("ridge-rr", params={"scoring": "mse"}).scoring == "mse"

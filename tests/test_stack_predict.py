@@ -107,3 +107,22 @@ def test_predict_refuses_bad_input_and_writes_nothing(fitted, tmp_path):
     rc = cli.main(["predict", str(run), "--data", str(root / "overlap.csv"), "--out", str(out),
                    "--cache-dir", str(root / "cache"), "--device", "cpu"])
     assert rc == 2 and not out.exists()
+
+
+def test_stack_center_folds_from_the_cli_is_recorded_and_predicts(fitted):
+    import json
+
+    from regress.stack import load_stack
+
+    root, train, test, tmpl, genes = fitted
+    out = root / "runs" / "stack-centered"
+    assert cli.main(["stack", "--all", str(train), "--runs-dir", str(root / "runs"), "--method", "select",
+                     "--center-folds", "--out", str(out)]) == 0
+    info = json.loads((out / "stack.json").read_text())
+    assert info["center_folds"] is True and info["identity_fields"]["center_folds"] is True
+    _, model, _ = load_stack(out)
+    assert model.center_folds is True  # the saved model keeps the option
+    sub = root / "sub-centered.csv"
+    assert cli.main(["predict", str(out), "--data", str(test), "--cache-dir", str(root / "cache"),
+                     "--out", str(sub), "--device", "cpu"]) == 0
+    assert np.isfinite(pd.read_csv(sub)[genes].to_numpy()).all()
