@@ -116,6 +116,9 @@ def head_choices_help() -> str:
         f"; or {PLUGIN_PREFIX}<module.Class>: any scikit-learn regressor"
 
 
+_SHELL_WORDS = {"true": True, "false": False, "none": None}
+
+
 def parse_head_params(values: Sequence[str] | None) -> dict[str, Any]:
     """``["alpha=3", "fit_intercept=False", "solver=lsqr"]`` -> typed values (Python literals, else strings;
     ``true``/``false``/``none`` in any case are the booleans and None, as a shell user writes them)."""
@@ -127,9 +130,9 @@ def parse_head_params(values: Sequence[str] | None) -> dict[str, Any]:
             raise UsageError(f"--head-param {v!r}: write NAME=VALUE, e.g. --head-param alpha=3.")
         if name in out:
             raise UsageError(f"--head-param {name} is given twice; give it once.")
-        words = {"true": True, "false": False, "none": None}
-        if raw.strip().lower() in words:
-            out[name] = words[raw.strip().lower()]
+        word = raw.strip().lower()
+        if word in _SHELL_WORDS:
+            out[name] = _SHELL_WORDS[word]
             continue
         try:
             out[name] = ast.literal_eval(raw)

@@ -28,7 +28,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from featurize.errors import UsageError
 from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
-from regress.metrics import pcc_per_gene
+from regress.selection import best_index, fold_score
 
 DEFAULT_WIDTHS = (0.03, 0.1, 0.3, 1.0)
 DEFAULT_KRR_ALPHAS = tuple(float(a) for a in np.logspace(-1.5, 1.5, 7))
@@ -121,13 +121,9 @@ class KernelRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                     KU = np.exp(-(g / d) * D_val) @ U  # (n_val, n_train)
                     for j, a in enumerate(alphas):
                         pred = KU @ (Q / (lam + a)[:, None]) + y_mean
-                        if self.scoring == "mse":
-                            score[i, j] -= ((pred - Y[val]) ** 2).sum(axis=0) / n
-                        else:
-                            score[i, j] += np.nan_to_num(pcc_per_gene(Y[val], pred)) / len(splits)  # constant gene: 0
+                        score[i, j] += fold_score(Y[val], pred, self.scoring, n, len(splits))
             self.cv_scores_ = score.reshape(widths.size * alphas.size, -1)  # (widths x alphas, genes), higher is better
-            pick = (np.argmax(self.cv_scores_, axis=0) if self.per_target
-                    else np.full(Y.shape[1], np.argmax(self.cv_scores_.sum(axis=1))))
+            pick = best_index(self.cv_scores_, self.per_target)
         self.width_grid_, self.alpha_grid_ = widths, alphas
         self.width_ = widths[pick // alphas.size]
         self.alpha_ = alphas[pick % alphas.size]

@@ -23,8 +23,8 @@ from sklearn.utils._param_validation import StrOptions
 
 from regress.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
-from regress.metrics import pcc_per_gene
 from regress.ridge import DEFAULT_ALPHAS, RidgeHead
+from regress.selection import best_index, fold_score
 
 
 def _axes(Y: np.ndarray):
@@ -114,12 +114,9 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 Z = ((Y[train] - mean) / std) @ V
                 zhat = self._ridge().fit(X[train], Z, groups=None if groups is None else groups[train]).predict(X[val])
                 pred = _rank_predictions(zhat.reshape(len(val), -1), V, ranks, mean, std)
-                if self.scoring == "mse":
-                    score -= ((pred - Y[val][None]) ** 2).sum(axis=1) / n
-                else:  # a gene constant in a validation fold scores 0 there
-                    score += np.stack([np.nan_to_num(pcc_per_gene(Y[val], p)) for p in pred]) / len(splits)
+                score += fold_score(Y[val], pred, self.scoring, n, len(splits))
             self.cv_scores_ = score  # (n_ranks, n_genes), higher is better
-            self.rank_ = np.asarray(ranks)[np.argmax(self.cv_scores_, axis=0)]
+            self.rank_ = np.asarray(ranks)[best_index(score, per_target=True)]
         self.ranks_ = np.asarray(ranks)
         mean, std, V = _axes(Y)
         self.n_components_ = V.shape[1]

@@ -3,6 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from regress.metrics import pcc_per_gene
+
+
+def fold_score(y_val: np.ndarray, pred: np.ndarray, scoring: str, n_rows: int, n_folds: int) -> np.ndarray:
+    """One validation fold's share of a per-gene CV score (``pred`` may carry leading grid axes before
+    rows x genes): ``-SSE / n_rows`` (summed over the folds: -MSE), or Pearson r / ``n_folds`` (summed: the
+    folds' mean r; a gene constant in the fold scores 0 there)."""
+    if scoring == "mse":
+        return -((pred - y_val) ** 2).sum(axis=-2) / n_rows
+    flat = pred.reshape(-1, *pred.shape[-2:])
+    r = np.stack([np.nan_to_num(pcc_per_gene(y_val, p)) for p in flat])
+    return r.reshape(*pred.shape[:-2], -1) / n_folds
+
 
 def pooled_scores(S_p, S_pp, S_py, S_y, S_yy, n, scoring: str) -> np.ndarray:
     """Scores from pooled running sums: -MSE, or Pearson r (constant -> -inf)."""

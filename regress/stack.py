@@ -59,11 +59,12 @@ class Stack(BaseEstimator):
         P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])  # R x n x g
         Y = np.asarray(Y, dtype=np.float64)
         R, n, g = P.shape
-        raw_means = P.mean(1), Y.mean(0)
+        P_raw, Y_raw = P, Y
         if self.center_folds:
             if fold is None:
                 raise UsageError("stack option center_folds needs the runs' CV folds.")
-            P, Y = _centered_within(P, np.asarray(fold)), _centered_within(Y[None], np.asarray(fold))[0]
+            fold = np.asarray(fold)
+            P, Y = _centered_within(P, fold), _centered_within(Y[None], fold)[0]
         if self.method == "nnls":
             self.weights_ = _nnls_weights(P, Y)
             self.intercept_ = np.zeros(g)
@@ -82,8 +83,7 @@ class Stack(BaseEstimator):
             c = np.einsum("rnj,nj->jr", Pc, Y - ym)
             W = np.linalg.solve(G, c[..., None])[..., 0].T  # R x g
             self.weights_ = W
-            pm, ym = raw_means  # the intercept for raw predictions (the same unless center_folds)
-            self.intercept_ = ym - (W * pm).sum(0)
+            self.intercept_ = Y_raw.mean(0) - (W * P_raw.mean(1)).sum(0)  # for raw predictions
         else:
             raise UsageError(f"stack method must be 'nnls', 'select' or 'ridge', got {self.method!r}.")
         self.n_runs_ = R
@@ -238,7 +238,8 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
               "alpha": alpha if method == "ridge" else None, **({"center_folds": True} if center_folds else {})}
     info = {"format": RUN_FORMAT, "tool_version": __version__, "identity": identity_of(fields), "identity_fields": fields,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
-            "method": method, "alpha": alpha, "center_folds": bool(center_folds), "table": runs[0].info["table"], "genes": genes, "summary": summary,
+            "method": method, "alpha": alpha, "center_folds": bool(center_folds), "table": runs[0].info["table"],
+            "genes": genes, "summary": summary,
             "random_init": any(r.info.get("random_init") for r in runs),
             "backbones": [b for r in runs for b in r.info["backbones"]],
             "mean_weights": final.weights_.mean(1).tolist(),
