@@ -368,6 +368,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from featurize.backbones import list_backbones
     from regress.heads import head_choices_help
+    from regress.stack import METHODS as STACK_METHODS
 
     p = OneLineErrorParser(
         prog="python cli.py",
@@ -563,10 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("runs", nargs="*", metavar="RUN", help="run folders to blend")
     sp.add_argument("--all", metavar="TABLE", help="also every run under --runs-dir fitted on this tile table")
     sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where --all looks for runs (default: %(default)s)")
-    sp.add_argument("--method", choices=("nnls", "select", "ridge"), default="nnls",
+    sp.add_argument("--method", choices=STACK_METHODS, default="nnls",
                     help="nnls: non-negative per-gene weights summing to one (default); select: the same over runs "
                          "chosen by forward selection on the cross-fitted score, shrunk toward one global blend by "
-                         "inner CV; ridge: per-gene ridge on the runs' predictions")
+                         "inner CV; shrink: every run, only the shrinkage chosen by inner CV (steadier than select "
+                         "over many similar runs); ridge: per-gene ridge on the runs' predictions")
     sp.add_argument("--alpha", type=float, default=None, help="penalty of --method ridge (default 1.0)")
     sp.add_argument("--center-folds", action="store_true",
                     help="learn the weights on each CV fold's deviations from its own mean (what the by-fold "

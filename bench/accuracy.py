@@ -14,11 +14,12 @@ inner CV on the training sections only:
 * backbone variants: ``+stages`` (every stage's feature map averaged, appended to the embedding) and
   ``@SIZE`` (the tile fed at twice each backbone's input size: the tissue magnified 2x);
 * ``krr`` (RBF kernel ridge, width and alpha per gene by inner CV on Pearson r);
-* one hyper-parameter for all genes (``alpha_per_target=False``, krr ``per_target=False``) against one per
-  gene; ridge-rr's rank chosen by MSE (the old default) against per-fold Pearson r;
+* one hyper-parameter for all genes (``alpha_per_target=False``, krr and ridge-rr ``per_target=False``)
+  against one per gene; ridge-rr's rank chosen by MSE (the old default) against per-fold Pearson r;
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section), each also with
-  ``center_folds`` (weights learned on the within-section variation).
+  ``center_folds`` (weights learned on the within-section variation), and ``shrink`` (every run, only the
+  shrinkage toward the global blend chosen).
 
 Usage (after ``python bench/her2st.py --no-tta --out OUT``; a few minutes on 2 CPU cores)::
 
@@ -154,6 +155,10 @@ def main() -> int:
     fit("krr four+stages + context 6, centered", stages, head="krr", **cc)
     fit("krr four+stages@2x + context 6, centered, one width and alpha", stages_zoom, head="krr",
         head_params={"per_target": False}, **cc)
+    fit("ridge-rr four+stages + context 6, centered, one rank and alpha", stages, head="ridge-rr",
+        head_params={"per_target": False}, **cc)
+    fit("ridge-rr four+stages@2x + context 6, centered, one rank and alpha", stages_zoom, head="ridge-rr",
+        head_params={"per_target": False}, **cc)
     if args.tta:
         fit("ridge lite0+mnv2 TTA 8 + context 6", lite_mnv2, tta=8, context=6)
         fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)
@@ -177,7 +182,8 @@ def main() -> int:
         ("stack of every run, center folds", list(paths), "nnls", True),
         ("stack of every run, select", list(paths), "select", False),
         ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select", False),
-        ("stack of every run, select, center folds", list(paths), "select", True)):
+        ("stack of every run, select, center folds", list(paths), "select", True),
+        ("stack of every run, shrink, center folds", list(paths), "shrink", True)):
         t1 = time.perf_counter()
         st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
                         method=method, log=lambda *a: None, overwrite=True, center_folds=within)
@@ -186,7 +192,7 @@ def main() -> int:
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
                      "pooled": round(pooled, 4), "fit_s": round(time.perf_counter() - t1, 1), "members": len(members),
                      **({"selected": [Path(r).name for r in info["selected"]], "shrink": info["shrink"]}
-                        if method == "select" else {})})
+                        if method in ("select", "shrink") else {})})
         print(json.dumps(rows[-1]), flush=True)
     (out / "accuracy.json").write_text(json.dumps({"rows": rows, "embed_s": round(t_embed, 1),
                                                    "sections": sorted(set(t.slides))}, indent=1))

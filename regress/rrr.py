@@ -62,6 +62,10 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
     scoring : "pcc" or "mse"
         What the rank choice maximises: each validation fold's Pearson r averaged over the folds, or -MSE.
         (The component alphas are chosen on MSE of the component scores.)
+    per_target : bool
+        True: a rank per gene and an alpha per component; False: one rank for all genes and one alpha for
+        all components (each the best on the mean CV score), a smoother model that transfers better to a
+        patient the training sections do not include.
     device : "cpu" or "cuda"
         Where the ridge runs.
     random_state : int
@@ -74,21 +78,24 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
         "alphas": ["array-like"],
         "cv": ["cv_object"],
         "scoring": [StrOptions({"mse", "pcc"})],
+        "per_target": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
     }
 
     def __init__(self, ranks: Any = (4, 8, 16, 32, 64, 128, 100_000), alphas: Any = DEFAULT_ALPHAS, cv: Any = 5,
-                 scoring: str = "pcc", device: str = "cpu", random_state: int = 0):
+                 scoring: str = "pcc", per_target: bool = True, device: str = "cpu", random_state: int = 0):
         self.ranks = ranks
         self.alphas = alphas
         self.cv = cv
         self.scoring = scoring
+        self.per_target = per_target
         self.device = device
         self.random_state = random_state
 
     def _ridge(self) -> RidgeHead:
-        return RidgeHead(alphas=self.alphas, cv=self.cv, device=self.device, random_state=self.random_state)
+        return RidgeHead(alphas=self.alphas, alpha_per_target=self.per_target, cv=self.cv, device=self.device,
+                         random_state=self.random_state)
 
     def _grid(self) -> list[int]:
         ranks = np.atleast_1d(np.asarray(self.ranks))
@@ -116,7 +123,7 @@ class ReducedRankRidgeHead(MultiOutputHead, RegressorMixin, BaseEstimator):
                 pred = _rank_predictions(zhat.reshape(len(val), -1), V, ranks, mean, std)
                 score += fold_score(Y[val], pred, self.scoring, n, len(splits))
             self.cv_scores_ = score  # (n_ranks, n_genes), higher is better
-            self.rank_ = np.asarray(ranks)[best_index(score, per_target=True)]
+            self.rank_ = np.asarray(ranks)[best_index(score, per_target=self.per_target)]
         self.ranks_ = np.asarray(ranks)
         mean, std, V = _axes(Y)
         self.n_components_ = V.shape[1]

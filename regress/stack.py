@@ -4,7 +4,8 @@ Default: per-gene non-negative weights summing to one, the least-squares fit
 of the measured values on the runs' OOF predictions.  ``select``: the same
 weights over members chosen by forward selection on the cross-fitted score,
 then shrunk toward one global blend by the factor (from ``SHRINK_GRID``) with
-the best cross-fitted score; every choice is made on the training folds only.  With R runs and
+the best cross-fitted score; ``shrink``: every run kept, only the shrinkage chosen (steadier than
+``select`` when many runs are alike); every choice is made on the training folds only.  With R runs and
 :math:`G_j = P_j^\\top P_j`, :math:`c_j = P_j^\\top y_j` (R x R and R per gene),
 minimising :math:`\\|P_j w - y_j\\|^2` is ``nnls`` on the Cholesky factor
 :math:`L_j^\\top w \\approx L_j^{-1} c_j`, with one heavily weighted row forcing
@@ -54,7 +55,7 @@ class Stack(BaseEstimator):
         self.center_folds = center_folds
 
     def fit(self, preds: Sequence[np.ndarray], Y: np.ndarray, fold: np.ndarray | None = None) -> "Stack":
-        """``fold``: the rows' CV fold, needed by ``select`` (its choices are cross-fitted over those folds)
+        """``fold``: the rows' CV fold, needed by ``select`` and ``shrink`` (their choices are cross-fitted over those folds)
         and by ``center_folds``."""
         P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])  # R x n x g
         Y = np.asarray(Y, dtype=np.float64)
@@ -68,10 +69,13 @@ class Stack(BaseEstimator):
         if self.method == "nnls":
             self.weights_ = _nnls_weights(P, Y)
             self.intercept_ = np.zeros(g)
-        elif self.method == "select":
+        elif self.method in ("select", "shrink"):
             if fold is None or len(np.unique(fold)) < 2:
-                raise UsageError("stack method 'select' needs the runs' CV folds (at least 2).")
-            members, shrink = _forward_select(P, Y, np.asarray(fold))
+                raise UsageError(f"stack method '{self.method}' needs the runs' CV folds (at least 2).")
+            if self.method == "select":
+                members, shrink = _forward_select(P, Y, np.asarray(fold))
+            else:
+                members, shrink = list(range(R)), _best_shrink(P, Y, np.asarray(fold))
             W = np.zeros((R, g))
             W[members] = _shrunk_weights(P[members], Y, shrink)
             self.weights_, self.intercept_ = W, np.zeros(g)
@@ -85,7 +89,7 @@ class Stack(BaseEstimator):
             self.weights_ = W
             self.intercept_ = Y_raw.mean(0) - (W * P_raw.mean(1)).sum(0)  # for raw predictions
         else:
-            raise UsageError(f"stack method must be 'nnls', 'select' or 'ridge', got {self.method!r}.")
+            raise UsageError(f"stack method must be one of {', '.join(METHODS)}, got {self.method!r}.")
         self.n_runs_ = R
         return self
 
@@ -106,7 +110,11 @@ def _centered_within(A: np.ndarray, fold: np.ndarray) -> np.ndarray:
     return out
 
 
-#: Shrinkage of per-gene weights toward the global blend that ``select`` chooses from (1 = per-gene weights only).
+#: The stack methods (see the module docstring).
+METHODS = ("nnls", "select", "shrink", "ridge")
+
+#: Shrinkage of per-gene weights toward the global blend that ``select`` and ``shrink`` choose from (1 = per-gene
+#: weights only).
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -166,8 +174,13 @@ def _forward_select(P: np.ndarray, Y: np.ndarray, fold: np.ndarray, tol: float =
         if score <= best + tol:
             break
         members, best = members + [r], score
-    scores = [_cross_fitted_score(P[members], Y, fold, s) for s in SHRINK_GRID]
-    return sorted(members), SHRINK_GRID[int(np.argmax(scores))]
+    return sorted(members), _best_shrink(P[members], Y, fold)
+
+
+def _best_shrink(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> float:
+    """The factor of ``SHRINK_GRID`` with the best cross-fitted score over ``fold`` (the first wins ties)."""
+    scores = [_cross_fitted_score(P, Y, fold, s) for s in SHRINK_GRID]
+    return SHRINK_GRID[int(np.argmax(scores))]
 
 
 @dataclass
@@ -206,8 +219,8 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     ``center_folds``: blend weights learned on the within-fold variation (see the module docstring)."""
     if len(run_paths) < 2:
         raise UsageError("stack needs at least two runs (--run A --run B, or --all TABLE).")
-    if method not in ("nnls", "select", "ridge"):
-        raise UsageError(f"--method {method}: choose nnls, select or ridge.")
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: choose {', '.join(METHODS)}.")
     runs = [load_run(p) for p in run_paths]
     d, oofs = check_runs(runs)
     genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
@@ -244,7 +257,7 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             "backbones": [b for r in runs for b in r.info["backbones"]],
             "mean_weights": final.weights_.mean(1).tolist(),
             **({"selected": [str(runs[i].path) for i in final.members_], "shrink": final.shrink_}
-               if method == "select" else {})}
+               if method in ("select", "shrink") else {})}
     data = RunData(d.ids, genes, stacked.astype(np.float32), fold, d.y, d.groups, d.xy, d.slides)
     path = write_run(out, info, metrics, data, final, kind="stack", overwrite=overwrite)
     for row in summary:

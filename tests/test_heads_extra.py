@@ -96,6 +96,34 @@ def test_reduced_rank_ridge_rank_choice_equals_brute_force_grouped_cv(scoring):
     np.testing.assert_array_equal(h.rank_, np.asarray(ranks)[np.argmax(score, axis=0)])
 
 
+def test_reduced_rank_ridge_one_setting_for_all_genes_is_brute_force_grouped_cv():
+    """per_target=False: one rank for all genes (the best mean fold score under brute force, each fixed-rank head
+    also with one alpha) and one alpha shared by every component (ridge's own one-alpha choice on the scores)."""
+    from regress.cv import make_splits
+
+    X, Y = _low_rank(n=160, d=25, g=15, noise=1.5, seed=5)
+    groups = np.repeat(np.arange(4), 40)
+    ranks = (1, 3, 6, 100)
+    h = ReducedRankRidgeHead(ranks=ranks, cv=4, per_target=False).fit(X, Y, groups=groups)
+    score = np.zeros(len(ranks))
+    for train, val in make_splits(len(X), 4, groups, 0):
+        for i, r in enumerate(ranks):
+            P = ReducedRankRidgeHead(ranks=(r,), cv=4, per_target=False).fit(X[train], Y[train],
+                                                                             groups=groups[train]).predict(X[val])
+            score[i] += np.mean([np.corrcoef(P[:, j], Y[val, j])[0, 1] for j in range(Y.shape[1])])
+    assert len(set(h.rank_)) == 1 and h.rank_[0] == ranks[int(np.argmax(score))]
+    assert len(set(h.component_alpha_)) == 1
+    per_gene = ReducedRankRidgeHead(ranks=ranks, cv=4).fit(X, Y, groups=groups)
+    assert len(set(per_gene.component_alpha_)) > 1  # the grid is wide enough that the choice is a real one
+    mean, std = Y.mean(0), Y.std(0)
+    _, _, Vt = np.linalg.svd((Y - mean) / std, full_matrices=False)
+    r = h.rank_[0]
+    sc = StandardScaler().fit(X)
+    Zhat = Ridge(alpha=h.component_alpha_[0]).fit(sc.transform(X), ((Y - mean) / std) @ Vt[:r].T)
+    np.testing.assert_allclose(h.predict(X), (Zhat.predict(sc.transform(X)) @ Vt[:r]) * std + mean, rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_reduced_rank_ridge_refuses_an_unknown_scoring():
     from sklearn.utils._param_validation import InvalidParameterError
 
@@ -231,16 +259,41 @@ def test_select_stack_scores_are_brute_force_cross_fitting():
     assert _cross_fitted_score(P, Y, fold, 1.0) == pytest.approx(np.mean(manual), rel=1e-12)
 
 
-def test_select_stack_needs_the_runs_folds():
+@pytest.mark.parametrize("method", ["select", "shrink"])
+def test_select_and_shrink_stacks_need_the_runs_folds(method):
     from featurize.errors import UsageError
     from regress.stack import Stack
 
     Y, fold, preds = _members()
     with pytest.raises(UsageError, match="folds"):
-        Stack("select").fit(preds, Y)
+        Stack(method).fit(preds, Y)
 
 
-@pytest.mark.parametrize("method", ["nnls", "select", "ridge"])
+def test_shrink_stack_keeps_every_run_and_chooses_the_shrinkage_by_brute_force_cross_fitting():
+    """shrink: the factor whose blend scores best when each fold's weights come from the other folds (computed here
+    by hand), and the weights are that mix of per-gene and global non-negative blends over all runs."""
+    from regress.metrics import pcc_per_gene
+    from regress.stack import SHRINK_GRID, Stack, _global_weights, _nnls_weights
+
+    Y, fold, preds = _members(seed=2)
+    P = np.stack(preds)
+    scores = []
+    for s in SHRINK_GRID:
+        r = []
+        for f in range(4):
+            tr, va = fold != f, fold == f
+            W = s * _nnls_weights(P[:, tr], Y[tr]) + (1 - s) * _global_weights(P[:, tr], Y[tr])[:, None]
+            r.append(np.nanmean(pcc_per_gene(Y[va], np.einsum("rnj,rj->nj", P[:, va], W))))
+        scores.append(np.mean(r))
+    st = Stack("shrink").fit(preds, Y, fold=fold)
+    assert st.shrink_ == SHRINK_GRID[int(np.argmax(scores))]
+    assert list(st.members_) == [0, 1, 2, 3]
+    want = st.shrink_ * _nnls_weights(P, Y) + (1 - st.shrink_) * _global_weights(P, Y)[:, None]
+    np.testing.assert_allclose(st.weights_, want, atol=1e-12)
+    assert np.allclose(st.weights_.sum(0), 1) and (st.weights_ >= 0).all()
+
+
+@pytest.mark.parametrize("method", ["nnls", "select", "shrink", "ridge"])
 def test_center_folds_stack_learns_from_within_fold_variation_only(method):
     """With center_folds the weights are those of the stacker fitted on the fold-centred predictions and targets
     (brute force), so per-fold offsets added to a run change nothing; predictions keep the raw scale."""

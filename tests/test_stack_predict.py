@@ -109,20 +109,24 @@ def test_predict_refuses_bad_input_and_writes_nothing(fitted, tmp_path):
     assert rc == 2 and not out.exists()
 
 
-def test_stack_center_folds_from_the_cli_is_recorded_and_predicts(fitted):
+@pytest.mark.parametrize("method", ["select", "shrink"])
+def test_stack_center_folds_from_the_cli_is_recorded_and_predicts(fitted, method):
     import json
 
     from regress.stack import load_stack
 
     root, train, test, tmpl, genes = fitted
-    out = root / "runs" / "stack-centered"
-    assert cli.main(["stack", "--all", str(train), "--runs-dir", str(root / "runs"), "--method", "select",
+    out = root / "runs" / f"stack-centered-{method}"
+    assert cli.main(["stack", "--all", str(train), "--runs-dir", str(root / "runs"), "--method", method,
                      "--center-folds", "--out", str(out)]) == 0
     info = json.loads((out / "stack.json").read_text())
     assert info["center_folds"] is True and info["identity_fields"]["center_folds"] is True
+    assert info["method"] == method and info["shrink"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     _, model, _ = load_stack(out)
-    assert model.center_folds is True  # the saved model keeps the option
-    sub = root / "sub-centered.csv"
+    assert model.center_folds is True and model.method == method  # the saved model keeps the options
+    if method == "shrink":
+        assert len(info["selected"]) == len(info["runs"])
+    sub = root / f"sub-centered-{method}.csv"
     assert cli.main(["predict", str(out), "--data", str(test), "--cache-dir", str(root / "cache"),
                      "--out", str(sub), "--device", "cpu"]) == 0
     assert np.isfinite(pd.read_csv(sub)[genes].to_numpy()).all()
