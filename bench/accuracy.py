@@ -192,7 +192,7 @@ def main() -> int:
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
                      "pooled": round(pooled, 4), "fit_s": round(time.perf_counter() - t1, 1), "members": len(members),
                      **({"selected": [Path(r).name for r in info["selected"]], "shrink": info["shrink"]}
-                        if method in ("select", "shrink") else {})})
+                        if "selected" in info else {})})
         print(json.dumps(rows[-1]), flush=True)
     (out / "accuracy.json").write_text(json.dumps({"rows": rows, "embed_s": round(t_embed, 1),
                                                    "sections": sorted(set(t.slides))}, indent=1))

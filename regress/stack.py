@@ -61,10 +61,10 @@ class Stack(BaseEstimator):
         Y = np.asarray(Y, dtype=np.float64)
         R, n, g = P.shape
         P_raw, Y_raw = P, Y
+        fold = None if fold is None else np.asarray(fold)
         if self.center_folds:
             if fold is None:
                 raise UsageError("stack option center_folds needs the runs' CV folds.")
-            fold = np.asarray(fold)
             P, Y = _centered_within(P, fold), _centered_within(Y[None], fold)[0]
         if self.method == "nnls":
             self.weights_ = _nnls_weights(P, Y)
@@ -73,9 +73,9 @@ class Stack(BaseEstimator):
             if fold is None or len(np.unique(fold)) < 2:
                 raise UsageError(f"stack method '{self.method}' needs the runs' CV folds (at least 2).")
             if self.method == "select":
-                members, shrink = _forward_select(P, Y, np.asarray(fold))
+                members, shrink = _forward_select(P, Y, fold)
             else:
-                members, shrink = list(range(R)), _best_shrink(P, Y, np.asarray(fold))
+                members, shrink = list(range(R)), _best_shrink(P, Y, fold)
             W = np.zeros((R, g))
             W[members] = _shrunk_weights(P[members], Y, shrink)
             self.weights_, self.intercept_ = W, np.zeros(g)
