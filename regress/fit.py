@@ -40,19 +40,25 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
             command: str | None = None, log=print, training: TrainingData | None = None,
             context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
-            stream: bool | None = None, smooth: int = 0, center_slides: bool = False) -> RunResult:
+            stream: bool | None = None, smooth: int = 0, center_slides: bool = False,
+            cross_gene: bool = False) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
 
     An existing folder of the same name with another identity (different
     folds, seed, grouping, head parameters, table or caches) is refused
     unless ``overwrite``.  ``stream`` fits from disk in row chunks (:mod:`regress.stream`; ridge heads);
     ``None`` chooses it when the table file alone is larger than half the machine's memory.
+    ``cross_gene`` and ``smooth`` post-process the head's predictions (in that order), their settings chosen
+    by nested CV (:mod:`regress.post`).
     """
     if smooth and stream:
         raise UsageError("--smooth needs the predictions in memory; drop --stream.")
     if center_slides and stream:
         raise UsageError("--center-slides needs the features in memory; drop --stream.")
-    if training is None and (stream or (stream is None and not smooth and not center_slides and _too_big(data))):
+    if cross_gene and stream:
+        raise UsageError("--cross-gene refits the head inside every fold in memory; drop --stream.")
+    if training is None and (stream or (stream is None and not smooth and not center_slides and not cross_gene
+                                        and _too_big(data))):
         return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
                                   cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
@@ -84,28 +90,21 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         "context": context,
         **({"smooth": smooth} if smooth else {}),
         **({"center_slides": True} if center_slides else {}),
+        **({"cross_gene": True} if cross_gene else {}),
     }
     if smooth and td.xy is None:
         raise UsageError(f"{td.table.source}: --smooth needs x and y columns (tile centres) in the tile table.")
     name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
-        (f"-smooth{smooth}" if smooth else "")
+        ("-crossgene" if cross_gene else "") + (f"-smooth{smooth}" if smooth else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
     t0 = time.perf_counter()
-    smooth_info = None
+    post_info: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     try:
         on_fold = lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s")  # noqa: E731
-        if smooth:
-            from regress.context import neighbour_mean
-            from regress.smooth import choose_lambdas, smoothed_cv
-
-            raw, oof, fold_lams = smoothed_cv(est, td.X, td.Y, splits, groups, td.xy, td.slides, smooth, 5, seed,
-                                              str(td.table.source), on_fold)
-            final_lam = choose_lambdas(td.Y, raw, neighbour_mean(raw, td.xy, td.slides, smooth), fold_of)
-            raw_m = evaluate(td.Y, raw, td.table.genes)
-            raw_m.update(evaluate_by_fold(td.Y, raw, fold_of))
-            smooth_info = {"k": smooth, "lambdas": final_lam.tolist(), "lambda_mean": float(final_lam.mean()),
-                           "fold_lambda_means": fold_lams.mean(1).tolist(),
-                           "unsmoothed": {k: raw_m[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold")}}
+        if smooth or cross_gene:
+            post_info, extras, oof = _post_processed_cv(est, td, splits, groups, fold_of, seed, smooth, cross_gene,
+                                                       on_fold)
         else:
             oof = cross_val_predict_groups(est, td.X, td.Y, splits, groups, on_fold=on_fold)
         cv_seconds = time.perf_counter() - t0
@@ -122,11 +121,40 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     metrics.update(evaluate_by_fold(td.Y, oof, fold_of))
     info = _run_info(td.table, len(td.ids), td.table.group_col if use_groups else None, td.caches, head, params,
                      is_plugin(head), context, len(splits), seed, groups is not None, td.table.genes, identity_fields,
-                     metrics, cv_seconds, refit_seconds, command, **({"smooth": smooth_info} if smooth_info else {}),
+                     metrics, cv_seconds, refit_seconds, command, **post_info,
                      **({"center_slides": True} if center_slides else {}))
     data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
-    path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite)
+    path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite, extras=extras)
     return RunResult(path, metrics, cv_seconds, oof)
+
+
+def _post_processed_cv(est, td: TrainingData, splits, groups, fold_of, seed: int, smooth: int, cross_gene: bool,
+                       on_fold) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+    """(run.json fields, extra fitted models, post-processed OOF) of ``--cross-gene`` and ``--smooth``:
+    settings per outer fold from nested CV, the final ones from the run's own out-of-fold predictions."""
+    from regress.crossgene import CrossGeneStep
+    from regress.post import choose_steps, nested_cv
+    from regress.smooth import SmoothStep
+
+    steps = ([CrossGeneStep(td.slides)] if cross_gene else []) + \
+        ([SmoothStep(smooth, td.xy, td.slides, str(td.table.source))] if smooth else [])
+    raw, oof, per_fold = nested_cv(est, td.X, td.Y, splits, groups, steps, 5, seed, on_fold)
+    final, _ = choose_steps(steps, td.Y, raw, fold_of)
+    raw_m = evaluate(td.Y, raw, td.table.genes)
+    raw_m.update(evaluate_by_fold(td.Y, raw, fold_of))
+    before = {k: raw_m[k] for k in ("pcc_gene_mean", "pcc_gene_mean_by_fold")}
+    info: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    if cross_gene:
+        m = final[0]
+        info["cross_gene"] = {"alpha": m.alpha, "blend": m.blend, "fold_alphas": [f[0].alpha for f in per_fold],
+                              "fold_blends": [f[0].blend for f in per_fold], "before": before}
+        extras["cross_gene"] = m
+    if smooth:
+        lam, fold_lams = final[-1], np.asarray([f[-1] for f in per_fold])
+        info["smooth"] = {"k": smooth, "lambdas": lam.tolist(), "lambda_mean": float(lam.mean()),
+                          "fold_lambda_means": fold_lams.mean(1).tolist(), "unsmoothed": before}
+    return info, extras, oof
 
 
 def _run_info(table, n_used, group_col, caches, head, params, plugin, context, n_folds, seed, grouped, genes,

@@ -24,7 +24,7 @@ from featurize.errors import RunError
 #: Class name -> module of the estimators stored without pickle.
 SAFE = {"RidgeHead": "regress.ridge", "PLSHead": "regress.pls", "MLPHead": "regress.mlp",
         "ReducedRankRidgeHead": "regress.rrr", "KNNHead": "regress.knn",
-        "KernelRidgeHead": "regress.krr",
+        "KernelRidgeHead": "regress.krr", "CrossGeneMap": "regress.crossgene",
         "DummyRegressor": "sklearn.dummy", "Stack": "regress.stack"}
 _SCALARS = (bool, int, float, str, type(None))
 

@@ -92,6 +92,11 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
     for run, model in zip(runs, models):
         X = _features_for(run, test, cache_dir, device, batch_size, log)
         P_run = np.asarray(model.predict(X), dtype=np.float64).reshape(len(test), -1)
+        cross = run.cross_gene()
+        if cross is not None:  # the run's cross-gene stage, before any smoothing (the order it was fitted in)
+            if test.slides is None:
+                log(f"[predict] {test.source} has no slide column: --cross-gene acts on its tiles as one slide.")
+            P_run = cross.predict(P_run, test.slides)
         sm = run.info.get("smooth")
         if sm:  # the run's spatial smoothing, with the test tiles' own neighbours
             from regress.context import neighbour_mean

@@ -4,8 +4,10 @@ Run folder (``RUN_FORMAT`` 2), ``<runs_dir>/<name>/``:
 
 * ``run.json``     - format, tool version, command, ``identity`` (sha256 of
   ``identity_fields``: table rows, targets and tile content, each cache's key,
-  head and its parameters, folds, seed, grouping, context, and smooth and
-  center_slides when set), table path, center_slides,
+  head and its parameters, folds, seed, grouping, context, and smooth,
+  center_slides and cross_gene when set), table path, center_slides,
+  ``cross_gene`` / ``smooth`` (the post-processing settings, per fold and
+  final, and the scores before it),
   backbones with their caches, genes, timings, summary;
 * ``metrics.json`` - CV metrics (PCC per gene mean/median, per tile, MSE,
   constant genes, per-gene table);
@@ -16,7 +18,9 @@ Run folder (``RUN_FORMAT`` 2), ``<runs_dir>/<name>/``:
   predictions, ``fold`` (n,) int32, ``y`` (n, g) float32 targets, and when
   known ``groups`` (n,), ``xy`` (n, 2), ``slides`` (n,);
 * ``model.json`` + ``model.npz`` - the head refit on all rows, stored without
-  pickle (:mod:`regress.persist`); ``model.joblib`` only for plug-in heads.
+  pickle (:mod:`regress.persist`); ``model.joblib`` only for plug-in heads;
+* ``cross_gene.json`` + ``cross_gene.npz`` - with ``--cross-gene``: the fitted
+  :class:`regress.crossgene.CrossGeneMap` that ``predict`` applies after the model.
 
 Stack folder (``kind: stack``): the same with ``stack.json`` in place of
 ``run.json`` (runs, method, per-run summary) and the blend as the model.
@@ -137,8 +141,10 @@ def refuse_other_identity(final: Path, identity_fields: dict[str, Any], overwrit
 
 
 def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data, model, *, kind: str = "run",
-              overwrite: bool = False) -> Path:
-    """Write every file under a temporary folder, then rename it into place (refusing another identity)."""
+              overwrite: bool = False, extras: dict[str, Any] | None = None) -> Path:
+    """Write every file under a temporary folder, then rename it into place (refusing another identity).
+
+    ``extras``: further fitted estimators by file stem (``cross_gene``), stored like the model."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     refuse_other_identity(final, info.get("identity_fields", {}), overwrite)
@@ -147,7 +153,10 @@ def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data, 
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        info = {**info, "kind": kind, "model_files": save_model(model, tmp, "model")}
+        files = save_model(model, tmp, "model")
+        for stem, est in (extras or {}).items():
+            files += save_model(est, tmp, stem)
+        info = {**info, "kind": kind, "model_files": files}
         (tmp / INFO_FILES[kind]).write_text(json.dumps(info, indent=2, default=jsonable))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=jsonable))
         import pandas as pd
@@ -202,6 +211,10 @@ class Run:
 
     def model(self, trust_pickle: bool = False):
         return load_model(self.path, "model", trust_pickle=trust_pickle)
+
+    def cross_gene(self):
+        """The fitted ``--cross-gene`` map (:class:`regress.crossgene.CrossGeneMap`), or None."""
+        return load_model(self.path, "cross_gene") if self.info.get("cross_gene") else None
 
 
 def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:

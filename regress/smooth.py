@@ -40,37 +40,30 @@ def choose_lambdas(Y: np.ndarray, P: np.ndarray, P_nbr: np.ndarray, fold: np.nda
     return best
 
 
+class SmoothStep:
+    """The smoothing as a :class:`regress.post.Step`: per-gene lambdas, with each row's own slide's neighbours."""
+
+    def __init__(self, k: int, xy: np.ndarray | None, slides: np.ndarray | None, source: str = "table",
+                 flag: str = "--smooth"):
+        self.k, self.xy, self.slides, self.source, self.flag = k, xy, slides, source, flag
+
+    def _neighbours(self, P: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        xy = None if self.xy is None else self.xy[rows]
+        return neighbour_mean(P, xy, None if self.slides is None else self.slides[rows], self.k, self.source, self.flag)
+
+    def choose(self, Y, P, fold, rows) -> np.ndarray:
+        return choose_lambdas(Y, P, self._neighbours(P, rows), fold)
+
+    def apply(self, P, setting, rows) -> np.ndarray:
+        return smooth(P, self._neighbours(P, rows), setting)
+
+
 def smoothed_cv(estimator, X, Y, splits, groups, xy, slides, k: int, inner_folds: int, seed: int,
                 source: str = "table", on_fold=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(raw OOF, smoothed OOF, per-fold lambdas): each outer fold's lambdas from inner CV on its training rows."""
-    import time
+    """(raw OOF, smoothed OOF, per-fold lambdas): each outer fold's lambdas from inner CV on its training rows
+    (:func:`regress.post.nested_cv` with the smoothing alone)."""
+    from regress.post import nested_cv
 
-    from sklearn.base import clone
-
-    from regress.cv import accepts_groups, cross_val_predict_groups, inner_groups, make_splits
-
-    raw = np.zeros(Y.shape, dtype=np.float64)
-    out = np.zeros(Y.shape, dtype=np.float64)
-    lams = []
-    for i, (tr, va) in enumerate(splits):
-        t0 = time.perf_counter()
-        g_tr = None if groups is None else np.asarray(groups)[tr]
-        g_in = inner_groups(g_tr)  # one training group left (two slides in all): plain K-fold inside it
-        n_inner = inner_folds if g_in is None else min(inner_folds, len(np.unique(g_in)))
-        inner = make_splits(len(tr), n_inner, g_in, seed)
-        p_in = cross_val_predict_groups(estimator, X[tr], Y[tr], inner, g_in).astype(np.float64)
-        f_in = np.zeros(len(tr), int)
-        for j, (_, v) in enumerate(inner):
-            f_in[v] = j
-        lam = choose_lambdas(Y[tr], p_in, neighbour_mean(p_in, xy[tr], None if slides is None else slides[tr], k,
-                                                          source, "--smooth"), f_in)
-        est = clone(estimator)
-        est.fit(X[tr], Y[tr], **({"groups": g_tr} if g_tr is not None and accepts_groups(est) else {}))
-        p = np.asarray(est.predict(X[va]), dtype=np.float64).reshape(len(va), -1)
-        raw[va] = p
-        out[va] = smooth(p, neighbour_mean(p, xy[va], None if slides is None else slides[va], k, source, "--smooth"),
-                         lam)
-        lams.append(lam)
-        if on_fold is not None:
-            on_fold(i, time.perf_counter() - t0)
-    return raw, out, np.asarray(lams)
+    raw, out, per_fold = nested_cv(estimator, X, Y, splits, groups, [SmoothStep(k, xy, slides, source)], inner_folds,
+                                   seed, on_fold)
+    return raw, out, np.asarray([s[0] for s in per_fold])

@@ -55,6 +55,22 @@ def syn_cache(syn_table, tmp_path_factory) -> tuple[Path, Path]:
     return syn_table, cache_dir
 
 
+def embedded_train_test(root: Path, n_genes: int) -> tuple[Path, Path, Path]:
+    """(train table, test table, cache dir): 64 + 16 generated tiles on slides, the test IDs new and without
+    gene columns, the training tiles embedded with a random-init timm:test_vit."""
+    import pandas as pd
+
+    from featurize.extract import embed
+
+    table = make_synthetic_table(root / "d", n=64, n_genes=n_genes, size=32, name="train", seed=2)
+    test = make_synthetic_table(root / "t", n=16, n_genes=n_genes, size=32, name="test", seed=3)
+    df = pd.read_csv(test)
+    df["ID"] = "T" + df["ID"].astype(str)
+    df[["ID", "path", "slide", "x", "y"]].to_csv(test, index=False)
+    embed(table, ["timm:test_vit"], random_init=True, cache_dir=root / "c", progress=False, num_workers=0)
+    return table, test, root / "c"
+
+
 def ridge_data(n=160, d=24, g=9, seed=0, signal=4):
     """Features of mixed scale and offset; genes a linear function of the first ``signal`` features,
     plus noise and an offset."""

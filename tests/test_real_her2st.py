@@ -31,4 +31,4 @@ def test_demo_quick_runs(tmp_path, capsys):
 
     assert cli.main(["demo", "--workdir", str(tmp_path), "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "real tissue" in out and "ridge" in out and "ridge-rr +cc +s2x" in out
+    assert "real tissue" in out and "ridge" in out and "ridge-rr +cc +s2x" in out and "ridge +cc +s2x +cg" in out

@@ -1,9 +1,9 @@
 """Spatial smoothing of predictions: strength chosen by inner CV, no leakage from the held-out slide."""
 
 import numpy as np
-import pandas as pd
 
 import cli
+from conftest import embedded_train_test
 from regress.context import neighbour_mean
 from regress.cv import make_splits
 from regress.ridge import RidgeHead
@@ -57,17 +57,10 @@ def test_no_leakage_held_out_targets_do_not_change_held_out_predictions():
 
 
 def test_fit_smooth_records_lambdas_and_predict_applies_them(tmp_path):
-    from featurize.extract import embed
-    from featurize.synthetic import make_synthetic_table
     from regress.predict import predict_table
     from regress.runs import load_run
 
-    table = make_synthetic_table(tmp_path / "d", n=64, n_genes=4, size=32, name="train", seed=2)
-    test = make_synthetic_table(tmp_path / "t", n=16, n_genes=4, size=32, name="test", seed=3)
-    df = pd.read_csv(test)
-    df["ID"] = "T" + df["ID"].astype(str)
-    df[["ID", "path", "slide", "x", "y"]].to_csv(test, index=False)
-    embed(table, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", progress=False, num_workers=0)
+    table, test, _ = embedded_train_test(tmp_path, 4)
     argv = ["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(tmp_path / "c"),
             "--runs-dir", str(tmp_path / "r"), "--folds", "4", "--device", "cpu", "--smooth", "4"]
     assert cli.main(argv) == 0

@@ -1,0 +1,106 @@
+"""``--cross-gene``: each gene's prediction blended with a regression of that gene on every gene's prediction.
+
+A head predicts each gene on its own (or through a few shared components), so a gene's prediction
+carries its own noise while the other genes' predictions carry information about it (co-expressed
+programmes, cell types).  After the head, a second linear stage learns, from out-of-fold predictions
+``P`` and the measured ``Y``, one ridge map ``A`` (genes x genes) on the variation within CV folds
+(both centred per fold, ``P``'s columns standardised), in the spirit of Breiman and Friedman's
+"curds and whey"; ``A`` is rescaled so that ``P A`` varies as much as ``P``.  The map acts on each
+slide's variation only: with ``D`` the predictions minus their slide's mean (a new slide's from its own
+tiles, no expression used), the output is ``P + blend * (D A - D)``, so every slide keeps the head's
+mean prediction (slide-level offsets, which a pooled PCC scores, stay the head's) and within the slide
+it is ``(1 - blend) * D + blend * D A``.  A tile predicted alone is left as the head predicts it.
+``alpha`` (from :data:`ALPHAS`, times the rows) and ``blend`` (from :data:`BLENDS`) are chosen by
+cross-fitting over the folds on the mean per-gene Pearson r by fold; ``blend`` 0 leaves the head's
+predictions unchanged, and ties go to it.
+
+The map must be learned from predictions of rows the head was not fitted on:
+:func:`regress.post.nested_cv` supplies them (inner CV inside every outer fold).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from regress.base import standardizer
+from regress.context import slide_centered
+from regress.metrics import pcc_per_gene
+
+ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0)
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class CrossGeneMap(BaseEstimator):
+    """The fitted second stage: ``predict(P)`` blends ``P`` with its cross-gene regression."""
+
+    def __init__(self, alpha: float = 3.0, blend: float = 0.5):
+        self.alpha = alpha
+        self.blend = blend
+
+    def fit(self, P: np.ndarray, Y: np.ndarray, fold: np.ndarray | None = None) -> "CrossGeneMap":
+        P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+        Pc, Yc = slide_centered(P, fold), slide_centered(Y, fold)
+        _, scale = standardizer(Pc)
+        Z = Pc / scale
+        n, g = Z.shape
+        A = np.linalg.solve(Z.T @ Z + self.alpha * n * np.eye(g), Z.T @ Yc) / scale[:, None]
+        spread = (Pc @ A).std()
+        self.coef_ = A * (Pc.std() / spread if spread > 0 else 0.0)
+        return self
+
+    def predict(self, P: np.ndarray, slides: np.ndarray | None = None) -> np.ndarray:
+        """``P + blend * (D A - D)``, ``D`` the deviations from each slide's mean (all rows one slide
+        when ``slides`` is None)."""
+        check_is_fitted(self, "coef_")
+        P = np.asarray(P, dtype=np.float64)
+        if self.blend == 0:
+            return P
+        D = slide_centered(P, slides)
+        return P + self.blend * (D @ self.coef_ - D)
+
+
+def cv_scores(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """(len(ALPHAS), len(BLENDS)): mean over folds of the mean per-gene Pearson r, each fold's map fitted on
+    the other folds' rows."""
+    P, Y, fold = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64), np.asarray(fold)
+    folds = np.unique(fold)
+    scores = np.zeros((len(ALPHAS), len(BLENDS)))
+    for f in folds:
+        tr, va = fold != f, fold == f
+        D = P[va] - P[va].mean(axis=0)
+        for i, alpha in enumerate(ALPHAS):
+            DA = D @ CrossGeneMap(alpha).fit(P[tr], Y[tr], fold[tr]).coef_
+            for j, b in enumerate(BLENDS):
+                r = pcc_per_gene(Y[va], (1.0 - b) * D + b * DA)
+                scores[i, j] += np.nanmean(r) if np.isfinite(r).any() else 0.0
+    return scores / len(folds)
+
+
+def choose_map(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> CrossGeneMap:
+    """The map with the best cross-fitted score (ties: no blend, then the smaller alpha), refitted on all rows."""
+    if len(np.unique(fold)) < 2:
+        return CrossGeneMap(ALPHAS[0], 0.0).fit(P, Y, fold)
+    scores = cv_scores(P, Y, fold)
+    best = (-np.inf, 0, 0)
+    for j in range(len(BLENDS)):
+        for i in range(len(ALPHAS)):
+            if scores[i, j] > best[0] + 1e-12:
+                best = (scores[i, j], i, j)
+    _, i, j = best
+    est = CrossGeneMap(ALPHAS[i], BLENDS[j]).fit(P, Y, fold)
+    est.cv_scores_ = scores
+    return est
+
+
+class CrossGeneStep:
+    """``--cross-gene`` as a :class:`regress.post.Step`; its setting is the fitted :class:`CrossGeneMap`."""
+
+    def __init__(self, slides: np.ndarray | None = None):
+        self.slides = slides
+
+    def choose(self, Y, P, fold, rows) -> CrossGeneMap:
+        return choose_map(P, Y, fold)
+
+    def apply(self, P, setting: CrossGeneMap, rows) -> np.ndarray:
+        return setting.predict(P, None if self.slides is None else self.slides[rows])
