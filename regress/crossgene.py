@@ -39,14 +39,7 @@ class CrossGeneMap(BaseEstimator):
         self.blend = blend
 
     def fit(self, P: np.ndarray, Y: np.ndarray, fold: np.ndarray | None = None) -> "CrossGeneMap":
-        P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
-        Pc, Yc = slide_centered(P, fold), slide_centered(Y, fold)
-        _, scale = standardizer(Pc)
-        Z = Pc / scale
-        n, g = Z.shape
-        A = np.linalg.solve(Z.T @ Z + self.alpha * n * np.eye(g), Z.T @ Yc) / scale[:, None]
-        spread = (Pc @ A).std()
-        self.coef_ = A * (Pc.std() / spread if spread > 0 else 0.0)
+        self.coef_ = _maps(P, Y, fold, [self.alpha])[0]
         return self
 
     def predict(self, P: np.ndarray, slides: np.ndarray | None = None) -> np.ndarray:
@@ -60,6 +53,22 @@ class CrossGeneMap(BaseEstimator):
         return P + self.blend * (D @ self.coef_ - D)
 
 
+def _maps(P: np.ndarray, Y: np.ndarray, fold: np.ndarray | None, alphas) -> list[np.ndarray]:
+    """The rescaled ridge map for each alpha, from one SVD of the standardised fold-centred predictions
+    (decompose once, solve per alpha, as scikit-learn's ``_RidgeGCV``)."""
+    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    Pc, Yc = slide_centered(P, fold), slide_centered(Y, fold)
+    _, scale = standardizer(Pc)
+    U, sv, Vt = np.linalg.svd(Pc / scale, full_matrices=False)
+    UtY = U.T @ Yc
+    out = []
+    for alpha in alphas:
+        A = Vt.T @ ((sv / (sv ** 2 + alpha * len(Pc)))[:, None] * UtY) / scale[:, None]
+        spread = (Pc @ A).std()
+        out.append(A * (Pc.std() / spread if spread > 0 else 0.0))
+    return out
+
+
 def cv_scores(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """(len(ALPHAS), len(BLENDS)): mean over folds of the mean per-gene Pearson r, each fold's map fitted on
     the other folds' rows."""
@@ -69,8 +78,8 @@ def cv_scores(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> np.ndarray:
     for f in folds:
         tr, va = fold != f, fold == f
         D = P[va] - P[va].mean(axis=0)
-        for i, alpha in enumerate(ALPHAS):
-            DA = D @ CrossGeneMap(alpha).fit(P[tr], Y[tr], fold[tr]).coef_
+        for i, A in enumerate(_maps(P[tr], Y[tr], fold[tr], ALPHAS)):
+            DA = D @ A
             for j, b in enumerate(BLENDS):
                 r = pcc_per_gene(Y[va], (1.0 - b) * D + b * DA)
                 scores[i, j] += np.nanmean(r) if np.isfinite(r).any() else 0.0
