@@ -156,7 +156,8 @@ def cmd_fit(args) -> int:
                   cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
                   seed=args.seed, device=args.device, name=args.name, context=args.context,
                   head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth,
-                  center_slides=args.center_slides, cross_gene=args.cross_gene)
+                  center_slides=args.center_slides, cross_gene=args.cross_gene,
+                  nested=args.nested)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -555,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", action="append", help="explicit cache file(s) instead of --backbone lookup")
     sp.add_argument("--head", default="ridge", help=head_choices_help() + " (default: %(default)s)")
     sp.add_argument("--name", default=None, help="run name (default: <table>-<backbone>-<head>)")
+    sp.add_argument("--nested", action="store_true",
+                    help="also keep each fold's inner out-of-fold predictions (the head refitted on every inner "
+                         "fold: about folds+1 times the fit time), so that `stack --method cross-gene` can learn "
+                         "and be scored without the held-out fold")
     sp.add_argument("--stream", action="store_true", default=None,
                     help="fit from disk in row chunks, never holding all features or targets (ridge heads; chosen "
                          "automatically when the table file is larger than half the machine's memory)")
@@ -580,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nnls: non-negative per-gene weights summing to one (default); select: the same over runs "
                          "chosen by forward selection on the cross-fitted score, shrunk toward one global blend by "
                          "inner CV; shrink: every run, only the shrinkage chosen by inner CV (steadier than select "
-                         "over many similar runs); ridge: per-gene ridge on the runs' predictions")
+                         "over many similar runs); ridge: per-gene ridge on the runs' predictions; cross-gene: the runs' "
+                         "average mixed with one ridge map from every run's predictions of every gene, learned and "
+                         "scored on inner predictions that never saw the held-out fold (runs fitted with --nested)")
     sp.add_argument("--alpha", type=float, default=None, help="penalty of --method ridge (default 1.0)")
     sp.add_argument("--center-folds", action="store_true",
                     help="learn the weights on each CV fold's deviations from its own mean (what the by-fold "

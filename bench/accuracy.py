@@ -18,6 +18,8 @@ inner CV on the training sections only:
   against one per gene; ridge-rr's rank chosen by MSE (the old default) against per-fold Pearson r;
 * ``--cross-gene``: each gene's prediction blended with a ridge regression of it on every gene's
   prediction (ridge strength and blend by nested CV on the training sections);
+* ``stack --method cross-gene`` over three runs fitted with ``--nested`` (scored on inner predictions that
+  never saw the held-out section);
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section), each also with
   ``center_folds`` (weights learned on the within-section variation), and ``shrink`` (every run, only the
@@ -28,8 +30,8 @@ Usage (after ``python bench/her2st.py --no-tta --out OUT``; a few minutes on 2 C
     python bench/accuracy.py --out OUT [--tta] [--reuse]
 
 ``--reuse`` reads the runs whose folders a previous call left (named after their rows, so the same
-settings) instead of refitting them, with the fit time they recorded; runs with ``--smooth`` or
-``--cross-gene`` and every stack are always refitted.
+settings) instead of refitting them, with the fit time they recorded; runs with ``--smooth`` and every
+stack are always refitted.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def main() -> int:
     ap.add_argument("--tta", action="store_true", help="also TTA-8 runs (embeds the four backbones with TTA 8: "
                                                        "about 15 minutes on 2 cores)")
     ap.add_argument("--reuse", action="store_true", help="read the finished runs of an earlier call instead of "
-                                                         "refitting them (not those with smooth or cross-gene)")
+                                                         "refitting them (not those with smooth)")
     args = ap.parse_args()
     out = Path(args.out)
     table = out / "her2st.csv"
@@ -81,7 +83,7 @@ def main() -> int:
     four = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2"]
     embed(table, four, cache_dir=cache, progress=False)
     t = read_table(table, group_col="slide")
-    rows, paths = [], {}
+    rows, paths, nested = [], {}, {}
 
     scaled = {}
     her2st = ROOT.parent / "shared" / "data" / "her2st"
@@ -110,13 +112,13 @@ def main() -> int:
     def fit(label, backbones, head="ridge", scale=1, tta=1, **kw):
         t1 = time.perf_counter()
         folder = runs / label.replace(" ", "_").replace("+", "p")
-        if args.reuse and not kw.get("smooth") and not kw.get("cross_gene") and (folder / "run.json").is_file():
+        if args.reuse and not kw.get("smooth") and (folder / "run.json").is_file():
             info = open_result(folder).info
             mean, secs, pooled = by_section(folder)
             rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
                          "pooled": round(pooled, 4), "fit_s": round(info["cv_seconds"] + info["refit_seconds"], 1),
                          "reused": True})
-            paths[label] = folder
+            (nested if kw.get("nested") else paths)[label] = folder
             print(json.dumps(rows[-1]), flush=True)
             return
         data = t if scale == 1 else scaled[scale]
@@ -127,7 +129,7 @@ def main() -> int:
         mean, secs, pooled = by_section(res.path)
         rows.append({"run": label, "pcc_by_section": round(mean, 4), "sections": [round(v, 3) for v in secs],
                      "pooled": round(pooled, 4), "fit_s": round(time.perf_counter() - t1, 1)})
-        paths[label] = res.path
+        (nested if kw.get("nested") else paths)[label] = res.path
         print(json.dumps(rows[-1]), flush=True)
 
     fit("ridge lite0", ["efficientnet_lite0"])
@@ -195,6 +197,14 @@ def main() -> int:
         fit("ridge lite0+lite1+lite2+mnv2 TTA 8 + context 6, centered", four, tta=8, context=6, center_slides=True)
         fit("ridge-rr lite0+lite1+lite2+mnv2 TTA 8 + context 6, centered", four, tta=8, head="ridge-rr", context=6,
             center_slides=True)
+    # the same settings as three "one setting" rows above, fitted with --nested for stack --method cross-gene
+    # (their out-of-fold predictions equal those rows'; they are kept out of the other stacks)
+    one_alpha, one_krr = {"alpha_per_target": False}, {"per_target": False}
+    fit("ridge four+stages + context 6, centered, one alpha, nested", stages, head_params=one_alpha, nested=True, **cc)
+    fit("ridge four+stages@2x + context 6, centered, one alpha, nested", stages_zoom, head_params=one_alpha,
+        nested=True, **cc)
+    fit("krr four+stages@2x + context 6, centered, one width and alpha, nested", stages_zoom, head="krr",
+        head_params=one_krr, nested=True, **cc)
     single = [k for k in paths if "x tiles" not in k]
     centered = [k for k in paths if "centered" in k]
     for label, members, method, within in (
@@ -211,9 +221,11 @@ def main() -> int:
         ("stack of every run, select", list(paths), "select", False),
         ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select", False),
         ("stack of every run, select, center folds", list(paths), "select", True),
-        ("stack of every run, shrink, center folds", list(paths), "shrink", True)):
+        ("stack of every run, shrink, center folds", list(paths), "shrink", True),
+        ("stack of the three nested runs, cross-gene", list(nested), "cross-gene", False),
+        ("stack of the three nested runs, shrink, center folds", list(nested), "shrink", True)):
         t1 = time.perf_counter()
-        st = stack_runs([paths[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
+        st = stack_runs([{**paths, **nested}[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
                         method=method, log=lambda *a: None, overwrite=True, center_folds=within)
         mean, secs, pooled = by_section(st.path)
         info = json.loads((st.path / "stack.json").read_text())

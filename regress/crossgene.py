@@ -39,7 +39,7 @@ class CrossGeneMap(BaseEstimator):
         self.blend = blend
 
     def fit(self, P: np.ndarray, Y: np.ndarray, fold: np.ndarray | None = None) -> "CrossGeneMap":
-        self.coef_ = _maps(P, Y, fold, [self.alpha])[0]
+        self.coef_ = ridge_maps(P, Y, fold, [self.alpha])[0]
         return self
 
     def predict(self, P: np.ndarray, slides: np.ndarray | None = None) -> np.ndarray:
@@ -53,52 +53,64 @@ class CrossGeneMap(BaseEstimator):
         return P + self.blend * (D @ self.coef_ - D)
 
 
-def _maps(P: np.ndarray, Y: np.ndarray, fold: np.ndarray | None, alphas) -> list[np.ndarray]:
-    """The rescaled ridge map for each alpha, from one SVD of the standardised fold-centred predictions
-    (decompose once, solve per alpha, as scikit-learn's ``_RidgeGCV``)."""
-    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
-    Pc, Yc = slide_centered(P, fold), slide_centered(Y, fold)
-    _, scale = standardizer(Pc)
-    U, sv, Vt = np.linalg.svd(Pc / scale, full_matrices=False)
+def ridge_maps(F: np.ndarray, Y: np.ndarray, fold: np.ndarray | None, alphas,
+          base: np.ndarray | None = None) -> list[np.ndarray]:
+    """The rescaled ridge map (columns of ``F`` -> genes) for each alpha, from one SVD of the standardised
+    fold-centred ``F`` (decompose once, solve per alpha, as scikit-learn's ``_RidgeGCV``); rescaled so that
+    ``F A`` varies as much as ``base`` (default ``F``: one run's predictions)."""
+    F, Y = np.asarray(F, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    Fc, Yc = slide_centered(F, fold), slide_centered(Y, fold)
+    spread_to = (Fc if base is None else slide_centered(base, fold)).std()
+    _, scale = standardizer(Fc)
+    U, sv, Vt = np.linalg.svd(Fc / scale, full_matrices=False)
     UtY = U.T @ Yc
     out = []
     for alpha in alphas:
-        A = Vt.T @ ((sv / (sv ** 2 + alpha * len(Pc)))[:, None] * UtY) / scale[:, None]
-        spread = (Pc @ A).std()
-        out.append(A * (Pc.std() / spread if spread > 0 else 0.0))
+        A = Vt.T @ ((sv / (sv ** 2 + alpha * len(Fc)))[:, None] * UtY) / scale[:, None]
+        spread = (Fc @ A).std()
+        out.append(A * (spread_to / spread if spread > 0 else 0.0))
     return out
 
 
-def cv_scores(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    """(len(ALPHAS), len(BLENDS)): mean over folds of the mean per-gene Pearson r, each fold's map fitted on
-    the other folds' rows."""
-    P, Y, fold = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64), np.asarray(fold)
+def cv_scores(F: np.ndarray, Y: np.ndarray, fold: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+    """(len(ALPHAS), len(BLENDS)): mean over folds of the mean per-gene Pearson r of
+    ``(1 - blend) * base + blend * F A`` (``base`` default ``F``), each fold's map fitted on the other folds' rows."""
+    F, Y, fold = np.asarray(F, dtype=np.float64), np.asarray(Y, dtype=np.float64), np.asarray(fold)
+    base = F if base is None else np.asarray(base, dtype=np.float64)
     folds = np.unique(fold)
     scores = np.zeros((len(ALPHAS), len(BLENDS)))
     for f in folds:
         tr, va = fold != f, fold == f
-        D = P[va] - P[va].mean(axis=0)
-        for i, A in enumerate(_maps(P[tr], Y[tr], fold[tr], ALPHAS)):
-            DA = D @ A
+        D, DF = base[va] - base[va].mean(axis=0), F[va] - F[va].mean(axis=0)
+        for i, A in enumerate(ridge_maps(F[tr], Y[tr], fold[tr], ALPHAS, base[tr])):
+            DA = DF @ A
             for j, b in enumerate(BLENDS):
                 r = pcc_per_gene(Y[va], (1.0 - b) * D + b * DA)
                 scores[i, j] += np.nanmean(r) if np.isfinite(r).any() else 0.0
     return scores / len(folds)
 
 
-def choose_map(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> CrossGeneMap:
-    """The map with the best cross-fitted score (ties: no blend, then the smaller alpha), refitted on all rows."""
+def choose(F: np.ndarray, Y: np.ndarray, fold: np.ndarray,
+           base: np.ndarray | None = None) -> tuple[float, float, np.ndarray | None]:
+    """(alpha, blend, scores) with the best cross-fitted score (ties: no blend, then the smaller alpha)."""
     if len(np.unique(fold)) < 2:
-        return CrossGeneMap(ALPHAS[0], 0.0).fit(P, Y, fold)
-    scores = cv_scores(P, Y, fold)
+        return ALPHAS[0], 0.0, None
+    scores = cv_scores(F, Y, fold, base)
     best = (-np.inf, 0, 0)
     for j in range(len(BLENDS)):
         for i in range(len(ALPHAS)):
             if scores[i, j] > best[0] + 1e-12:
                 best = (scores[i, j], i, j)
     _, i, j = best
-    est = CrossGeneMap(ALPHAS[i], BLENDS[j]).fit(P, Y, fold)
-    est.cv_scores_ = scores
+    return ALPHAS[i], BLENDS[j], scores
+
+
+def choose_map(P: np.ndarray, Y: np.ndarray, fold: np.ndarray) -> CrossGeneMap:
+    """The map with the best cross-fitted score, refitted on all rows."""
+    alpha, blend, scores = choose(P, Y, fold)
+    est = CrossGeneMap(alpha, blend).fit(P, Y, fold)
+    if scores is not None:
+        est.cv_scores_ = scores
     return est
 
 

@@ -41,7 +41,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
             command: str | None = None, log=print, training: TrainingData | None = None,
             context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
             stream: bool | None = None, smooth: int = 0, center_slides: bool = False,
-            cross_gene: bool = False) -> RunResult:
+            cross_gene: bool = False, nested: bool = False) -> RunResult:
     """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
 
     An existing folder of the same name with another identity (different
@@ -49,16 +49,21 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     unless ``overwrite``.  ``stream`` fits from disk in row chunks (:mod:`regress.stream`; ridge heads);
     ``None`` chooses it when the table file alone is larger than half the machine's memory.
     ``cross_gene`` and ``smooth`` post-process the head's predictions (in that order), their settings chosen
-    by nested CV (:mod:`regress.post`).
+    by nested CV (:mod:`regress.post`).  ``nested`` keeps each outer fold's inner out-of-fold predictions in
+    the run (the head refitted on every inner fold), which ``stack --method cross-gene`` learns from.
     """
     if smooth and stream:
         raise UsageError("--smooth needs the predictions in memory; drop --stream.")
     if center_slides and stream:
         raise UsageError("--center-slides needs the features in memory; drop --stream.")
-    if cross_gene and stream:
-        raise UsageError("--cross-gene refits the head inside every fold in memory; drop --stream.")
+    if (cross_gene or nested) and stream:
+        raise UsageError(f"{'--cross-gene' if cross_gene else '--nested'} refits the head inside every fold in "
+                         "memory; drop --stream.")
+    if nested and (cross_gene or smooth):
+        raise UsageError("--nested keeps the head's own inner predictions for stacking; fit it without "
+                         "--cross-gene and --smooth (stack --method cross-gene applies the cross-gene map itself).")
     if training is None and (stream or (stream is None and not smooth and not center_slides and not cross_gene
-                                        and _too_big(data))):
+                                        and not nested and _too_big(data))):
         return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
                                   cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
@@ -91,20 +96,26 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
         **({"smooth": smooth} if smooth else {}),
         **({"center_slides": True} if center_slides else {}),
         **({"cross_gene": True} if cross_gene else {}),
+        **({"nested": True} if nested else {}),
     }
     if smooth and td.xy is None:
         raise UsageError(f"{td.table.source}: --smooth needs x and y columns (tile centres) in the tile table.")
     name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
-        ("-crossgene" if cross_gene else "") + (f"-smooth{smooth}" if smooth else "")
+        ("-crossgene" if cross_gene else "") + (f"-smooth{smooth}" if smooth else "") + ("-nested" if nested else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
     t0 = time.perf_counter()
     post_info: dict[str, Any] = {}
     extras: dict[str, Any] = {}
+    inner: list = []
     try:
         on_fold = lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s")  # noqa: E731
         if smooth or cross_gene:
             post_info, extras, oof = _post_processed_cv(est, td, splits, groups, fold_of, seed, smooth, cross_gene,
                                                        on_fold)
+        elif nested:
+            from regress.post import nested_cv
+
+            oof = nested_cv(est, td.X, td.Y, splits, groups, [], 5, seed, on_fold, inner_out=inner)[0]
         else:
             oof = cross_val_predict_groups(est, td.X, td.Y, splits, groups, on_fold=on_fold)
         cv_seconds = time.perf_counter() - t0
@@ -123,9 +134,20 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
                      is_plugin(head), context, len(splits), seed, groups is not None, td.table.genes, identity_fields,
                      metrics, cv_seconds, refit_seconds, command, **post_info,
                      **({"center_slides": True} if center_slides else {}))
-    data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides)
+    data = RunData(td.ids, td.table.genes, oof, fold_of, td.Y, groups, td.xy, td.slides,
+                   *(_inner_arrays(inner, splits, td.Y.shape) if nested else ()))
     path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite, extras=extras)
     return RunResult(path, metrics, cv_seconds, oof)
+
+
+def _inner_arrays(inner, splits, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(inner_oof, inner_fold) of ``oof.h5`` from :func:`regress.post.nested_cv`'s per-fold inner predictions."""
+    inner_oof = np.full((len(splits),) + shape, np.nan, dtype=np.float32)
+    inner_fold = np.full((len(splits), shape[0]), -1, dtype=np.int32)
+    for k, ((tr, _), (p_in, f_in)) in enumerate(zip(splits, inner)):
+        inner_oof[k, tr] = p_in
+        inner_fold[k, tr] = f_in
+    return inner_oof, inner_fold
 
 
 def _post_processed_cv(est, td: TrainingData, splits, groups, fold_of, seed: int, smooth: int, cross_gene: bool,

@@ -49,8 +49,12 @@ def apply_steps(steps: Sequence[Step], settings: Sequence[Any], P: np.ndarray,
 
 
 def nested_cv(estimator, X, Y, splits, groups, steps: Sequence[Step], inner_folds: int, seed: int,
-              on_fold: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray, list[list[Any]]]:
-    """(raw OOF, post-processed OOF, each outer fold's step settings), every setting from inner CV only."""
+              on_fold: Callable[[int, float], None] | None = None, inner_out: list | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list[list[Any]]]:
+    """(raw OOF, post-processed OOF, each outer fold's step settings), every setting from inner CV only.
+
+    ``inner_out``: a list that receives, per outer fold, (inner OOF predictions of its training rows,
+    their inner fold) - what ``fit --nested`` keeps for ``stack --method cross-gene``."""
     from sklearn.base import clone
 
     from regress.cv import accepts_groups, cross_val_predict_groups, inner_groups, make_splits
@@ -68,6 +72,8 @@ def nested_cv(estimator, X, Y, splits, groups, steps: Sequence[Step], inner_fold
         f_in = np.zeros(len(tr), int)
         for j, (_, v) in enumerate(inner):
             f_in[v] = j
+        if inner_out is not None:
+            inner_out.append((p_in, f_in))
         settings, _ = choose_steps(steps, Y[tr], p_in, f_in, np.asarray(tr))
         est = clone(estimator)
         est.fit(X[tr], Y[tr], **({"groups": g_tr} if g_tr is not None and accepts_groups(est) else {}))

@@ -105,7 +105,7 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
             P_run = smooth(P_run, neighbour_mean(P_run, test.xy, test.slides, int(sm["k"]), str(test.source),
                                                  "a run fitted with --smooth"), np.asarray(sm["lambdas"]))
         preds.append(P_run)
-    P = stack.predict(preds) if stack is not None else preds[0]
+    P = stack.predict(preds, test.slides) if stack is not None else preds[0]
     if P.shape != (len(test), len(genes)):
         raise RunError(f"{model_path}: predictions have shape {P.shape}, expected {(len(test), len(genes))}.")
     if not np.isfinite(P).all():

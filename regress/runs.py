@@ -16,7 +16,10 @@ Run folder (``RUN_FORMAT`` 2), ``<runs_dir>/<name>/``:
   stacks, reports and predicts without the training table or its tiles:
   ``ids`` (n,), ``genes`` (g,), ``oof`` (n, g) float32 out-of-fold
   predictions, ``fold`` (n,) int32, ``y`` (n, g) float32 targets, and when
-  known ``groups`` (n,), ``xy`` (n, 2), ``slides`` (n,);
+  known ``groups`` (n,), ``xy`` (n, 2), ``slides`` (n,); with ``fit --nested``
+  ``inner_oof`` (folds, n, g) float32, each outer fold's inner out-of-fold
+  predictions of its training rows (NaN on its own rows), and ``inner_fold``
+  (folds, n) int32, their inner fold (-1 on the outer fold's rows);
 * ``model.json`` + ``model.npz`` - the head refit on all rows, stored without
   pickle (:mod:`regress.persist`); ``model.joblib`` only for plug-in heads;
 * ``cross_gene.json`` + ``cross_gene.npz`` - with ``--cross-gene``: the fitted
@@ -100,6 +103,8 @@ class RunData:
     groups: np.ndarray | None = None
     xy: np.ndarray | None = None
     slides: np.ndarray | None = None
+    inner_oof: np.ndarray | None = None  # (folds, n, g): each outer fold's inner OOF of its training rows, NaN elsewhere
+    inner_fold: np.ndarray | None = None  # (folds, n): their inner fold, -1 on the outer fold's own rows
 
 
 def _write_data(path: Path, d: RunData) -> None:
@@ -115,6 +120,9 @@ def _write_data(path: Path, d: RunData) -> None:
             fh.create_dataset("xy", data=np.asarray(d.xy, dtype=np.float64))
         if d.slides is not None:
             fh.create_dataset("slides", data=np.asarray(d.slides).astype(str).astype(object), dtype=_STR)
+        if d.inner_oof is not None:
+            fh.create_dataset("inner_oof", data=np.asarray(d.inner_oof, dtype=np.float32))
+            fh.create_dataset("inner_fold", data=np.asarray(d.inner_fold, dtype=np.int32))
 
 
 def read_run_data(folder: str | os.PathLike) -> RunData:
@@ -124,7 +132,8 @@ def read_run_data(folder: str | os.PathLike) -> RunData:
         with h5py.File(path, "r") as fh:
             opt = lambda k, s=False: (fh[k].asstr()[()] if s else fh[k][()]) if k in fh else None  # noqa: E731
             return RunData(fh["ids"].asstr()[()], list(fh["genes"].asstr()[()]), fh["oof"][()], fh["fold"][()],
-                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True))
+                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True), opt("inner_oof"),
+                           opt("inner_fold"))
     except (OSError, KeyError) as exc:
         raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
 

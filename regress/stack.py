@@ -12,6 +12,13 @@ minimising :math:`\\|P_j w - y_j\\|^2` is ``nnls`` on the Cholesky factor
 :math:`\\sum w = 1`.  Option ``ridge``: per-gene ridge on the R predictions
 with an intercept.
 
+``cross-gene``: every run kept at equal weight, and each gene's blend mixed with one ridge map from all
+runs' predictions of all genes (:mod:`regress.crossgene`, ridge strength and mix chosen by cross-fitting
+over the folds, learned on the within-fold variation).  Its score is nested: each held-out fold's map is
+learned on the runs' inner out-of-fold predictions of the other folds (``fit --nested``), which never
+saw the held-out fold; the other methods are scored on the runs' outer out-of-fold predictions, whose
+models did see it (BENCHMARKS.md measures the difference at about 0.001).
+
 ``center_folds``: the weights are learned on each CV fold's deviations from
 its own mean (predictions and targets centred within the fold), i.e. on the
 variation that the by-fold Pearson r scores; with folds grouped by slide, a
@@ -80,6 +87,15 @@ class Stack(BaseEstimator):
             W[members] = _shrunk_weights(P[members], Y, shrink)
             self.weights_, self.intercept_ = W, np.zeros(g)
             self.members_, self.shrink_ = np.asarray(members), float(shrink)
+        elif self.method == "cross-gene":
+            from regress.crossgene import choose, ridge_maps
+
+            if fold is None or len(np.unique(fold)) < 2:
+                raise UsageError("stack method 'cross-gene' needs the runs' CV folds (at least 2).")
+            F, base = np.concatenate(list(P_raw), axis=1), P_raw.mean(0)
+            self.alpha_, self.blend_, _ = choose(F, Y_raw, fold, base)
+            self.coef_ = ridge_maps(F, Y_raw, fold, [self.alpha_], base)[0]
+            self.weights_, self.intercept_ = np.full((R, g), 1.0 / R), np.zeros(g)
         elif self.method == "ridge":
             pm, ym = P.mean(1), Y.mean(0)
             Pc = P - pm[:, None, :]
@@ -93,12 +109,20 @@ class Stack(BaseEstimator):
         self.n_runs_ = R
         return self
 
-    def predict(self, preds: Sequence[np.ndarray]) -> np.ndarray:
+    def predict(self, preds: Sequence[np.ndarray], slides: np.ndarray | None = None) -> np.ndarray:
+        """The blend; ``slides`` (the rows' slides) for ``cross-gene``, whose map acts within each slide
+        (all rows one slide when None)."""
         check_is_fitted(self, "weights_")
         P = np.stack([np.asarray(p, dtype=np.float64) for p in preds])
         if P.shape[0] != self.n_runs_:
             raise UsageError(f"stack was fitted on {self.n_runs_} runs, got {P.shape[0]} predictions.")
-        return np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
+        out = np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
+        if self.method == "cross-gene" and self.blend_ > 0:
+            from regress.context import slide_centered
+
+            D_F = slide_centered(np.concatenate(list(P), axis=1), slides)
+            out = out + self.blend_ * (D_F @ self.coef_ - slide_centered(out, slides))
+        return out
 
 
 def _centered_within(A: np.ndarray, fold: np.ndarray) -> np.ndarray:
@@ -111,7 +135,7 @@ def _centered_within(A: np.ndarray, fold: np.ndarray) -> np.ndarray:
 
 
 #: The stack methods (see the module docstring).
-METHODS = ("nnls", "select", "shrink", "ridge")
+METHODS = ("nnls", "select", "shrink", "ridge", "cross-gene")
 
 #: Shrinkage of per-gene weights toward the global blend that ``select`` and ``shrink`` choose from (1 = per-gene
 #: weights only).
@@ -211,6 +235,22 @@ def check_runs(runs: list[Run]) -> tuple[RunData, list[np.ndarray]]:
     return d0, oofs
 
 
+def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each run's ``inner_oof`` and the shared ``inner_fold`` (``fit --nested``); refuses runs without them."""
+    inner_oof, inner_fold = [], None
+    for r in runs:
+        d = r.data()
+        if d.inner_oof is None:
+            raise RunError(f"{r.path}: has no inner out-of-fold predictions; refit it with `fit --nested` "
+                           "(without --cross-gene and --smooth) for stack --method cross-gene.")
+        if inner_fold is not None and not np.array_equal(d.inner_fold, inner_fold):
+            raise RunError(f"{r.path}: its inner CV folds differ from {runs[0].path}; refit both with the same "
+                           "--folds, --groups and --seed.")
+        inner_oof.append(d.inner_oof)
+        inner_fold = d.inner_fold
+    return inner_oof, inner_fold
+
+
 def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                method: str = "nnls", alpha: float = 1.0, log=print, overwrite: bool = False,
                center_folds: bool = False) -> StackResult:
@@ -225,10 +265,16 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     d, oofs = check_runs(runs)
     genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
+    inner = _inner_predictions(runs) if method == "cross-gene" else None
+    slides = None if d.slides is None else np.asarray(d.slides)
     for f in np.unique(fold):
         tr, va = fold != f, fold == f
-        st = Stack(method, alpha, center_folds).fit([o[tr] for o in oofs], Y[tr], fold=fold[tr])
-        stacked[va] = st.predict([o[va] for o in oofs])
+        if inner is None:
+            st = Stack(method, alpha, center_folds).fit([o[tr] for o in oofs], Y[tr], fold=fold[tr])
+        else:  # nested: learned on predictions of models that never saw fold f
+            inner_oof, inner_fold = inner
+            st = Stack(method, alpha, center_folds).fit([p[f][tr] for p in inner_oof], Y[tr], fold=inner_fold[f][tr])
+        stacked[va] = st.predict([o[va] for o in oofs], None if slides is None else slides[va])
     final = Stack(method, alpha, center_folds).fit(oofs, Y, fold=fold)
 
     def score(P):
@@ -243,7 +289,7 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         summary.append({"run": str(r.path), "pcc_gene_by_fold": m["pcc_gene_mean_by_fold"], "pcc_gene_pooled": m["pcc_gene_mean"]})
     avg = score(np.mean(oofs, 0))
     summary.append({"run": "plain average", "pcc_gene_by_fold": avg["pcc_gene_mean_by_fold"], "pcc_gene_pooled": avg["pcc_gene_mean"]})
-    summary.append({"run": f"stack ({method}, cross-fitted)", "pcc_gene_by_fold": metrics["pcc_gene_mean_by_fold"],
+    summary.append({"run": f"stack ({method}, {'nested' if method == 'cross-gene' else 'cross-fitted'})", "pcc_gene_by_fold": metrics["pcc_gene_mean_by_fold"],
                     "pcc_gene_pooled": metrics["pcc_gene_mean"]})
     table_name = Path(runs[0].info["table"]["path"]).stem
     out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table_name}"
@@ -257,7 +303,8 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             "backbones": [b for r in runs for b in r.info["backbones"]],
             "mean_weights": final.weights_.mean(1).tolist(),
             **({"selected": [str(runs[i].path) for i in final.members_], "shrink": final.shrink_}
-               if method in ("select", "shrink") else {})}
+               if method in ("select", "shrink") else {}),
+            **({"cross_gene": {"alpha": final.alpha_, "blend": final.blend_}} if method == "cross-gene" else {})}
     data = RunData(d.ids, genes, stacked.astype(np.float32), fold, d.y, d.groups, d.xy, d.slides)
     path = write_run(out, info, metrics, data, final, kind="stack", overwrite=overwrite)
     for row in summary:

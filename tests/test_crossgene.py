@@ -146,3 +146,73 @@ def test_cross_gene_refuses_stream(tmp_path):
 
     with pytest.raises(UsageError, match="--cross-gene"):
         fit_run(tmp_path / "none.csv", ["timm:test_vit"], stream=True, cross_gene=True)
+
+
+def test_stack_cross_gene_of_one_run_is_the_run_level_map():
+    from regress.stack import Stack
+
+    P, Y, fold = _programmes(seed=7)
+    st = Stack("cross-gene").fit([P], Y, fold=fold)
+    m = choose_map(P, Y, fold)
+    assert (st.alpha_, st.blend_) == (m.alpha, m.blend) and m.blend > 0
+    np.testing.assert_allclose(st.coef_, m.coef_, atol=1e-12)
+    np.testing.assert_allclose(st.predict([P], fold), m.predict(P, fold), atol=1e-10)
+
+
+def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_from_them(tmp_path):
+    from sklearn.base import clone
+
+    from featurize.cache import load_features
+    from featurize.errors import RunError
+    from featurize.table import read_table
+    from regress.cv import cross_val_predict_groups, make_splits
+    from regress.heads import make_head
+    from regress.predict import predict_table
+    from regress.runs import load_run
+    from regress.stack import Stack, load_stack, stack_runs
+
+    table, test, cache = embedded_train_test(tmp_path, 5)
+    base = ["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache),
+            "--runs-dir", str(tmp_path / "r"), "--folds", "4", "--device", "cpu"]
+    assert cli.main(base + ["--nested"]) == 0
+    assert cli.main(base + ["--nested", "--head", "pls"]) == 0
+    assert cli.main(base) == 0  # no inner predictions
+    a, b = (load_run(tmp_path / "r" / f"train-timm_test_vit-{h}-nested") for h in ("ridge", "pls"))
+    plain = load_run(tmp_path / "r" / "train-timm_test_vit-ridge")
+    da = a.data()
+    assert da.inner_oof.shape == (4,) + da.y.shape and a.info["identity_fields"]["nested"] is True
+    np.testing.assert_allclose(da.oof, plain.data().oof, atol=1e-6)  # --nested changes nothing the run predicts
+    # fold 0's inner predictions: the head refitted on the inner folds of fold 0's training rows only
+    t = read_table(table)
+    X = load_features(t, "timm:test_vit", cache).features
+    tr = np.flatnonzero(da.fold != 0)
+    assert np.isnan(da.inner_oof[0][da.fold == 0]).all() and (da.inner_fold[0][da.fold == 0] == -1).all()
+    inner = make_splits(len(tr), 5, np.asarray(da.groups)[tr], 0)
+    want = cross_val_predict_groups(clone(make_head("ridge", "cpu", 0)), X[tr], da.y[tr].astype(np.float64), inner,
+                                    np.asarray(da.groups)[tr])
+    np.testing.assert_allclose(da.inner_oof[0][tr], want, rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(RunError, match="fit --nested"):
+        stack_runs([a.path, plain.path], out_dir=tmp_path / "bad", method="cross-gene", log=lambda *x: None)
+    res = stack_runs([a.path, b.path], out_dir=tmp_path / "st", method="cross-gene", log=lambda *x: None)
+    db = b.data()
+    for f in range(4):  # each held-out fold from a map learned on inner predictions of the other folds only
+        trf, va = da.fold != f, da.fold == f
+        st = Stack("cross-gene").fit([da.inner_oof[f][trf], db.inner_oof[f][trf]], da.y[trf], fold=da.inner_fold[f][trf])
+        np.testing.assert_allclose(res.oof[va], st.predict([da.oof[va], db.oof[va]], np.asarray(da.slides)[va]),
+                                   rtol=1e-5, atol=1e-5)
+    info, final, runs = load_stack(res.path)
+    assert info["cross_gene"]["blend"] in BLENDS and final.coef_.shape == (10, 5)
+    got = predict_table(res.path, test, cache_dir=cache, device="cpu", log=lambda *x: None)
+    tt = read_table(test)
+    Xt = load_features(tt, "timm:test_vit", cache).features
+    want = final.predict([r.model().predict(Xt) for r in runs], tt.slides)
+    np.testing.assert_allclose(got[a.genes].to_numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_nested_refuses_post_processing(tmp_path):
+    from featurize.errors import UsageError
+    from regress.fit import fit_run
+
+    with pytest.raises(UsageError, match="--nested"):
+        fit_run(tmp_path / "none.csv", ["timm:test_vit"], nested=True, cross_gene=True)
