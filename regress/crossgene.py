@@ -47,14 +47,19 @@ class CrossGeneMap(BaseEstimator):
         when ``slides`` is None)."""
         check_is_fitted(self, "coef_")
         P = np.asarray(P, dtype=np.float64)
-        if self.blend == 0:
-            return P
-        D = slide_centered(P, slides)
-        return P + self.blend * (D @ self.coef_ - D)
+        return mix(P, P, self.coef_, self.blend, slides)
+
+
+def mix(base: np.ndarray, F: np.ndarray, coef: np.ndarray, blend: float, slides: np.ndarray | None) -> np.ndarray:
+    """``base + blend * (D_F coef - D_base)``, ``D`` the deviations from each slide's mean: within a slide
+    ``(1 - blend) * base + blend * F coef``, while every slide keeps ``base``'s mean."""
+    if blend == 0:
+        return base
+    return base + blend * (slide_centered(F, slides) @ coef - slide_centered(base, slides))
 
 
 def ridge_maps(F: np.ndarray, Y: np.ndarray, fold: np.ndarray | None, alphas,
-          base: np.ndarray | None = None) -> list[np.ndarray]:
+               base: np.ndarray | None = None) -> list[np.ndarray]:
     """The rescaled ridge map (columns of ``F`` -> genes) for each alpha, from one SVD of the standardised
     fold-centred ``F`` (decompose once, solve per alpha, as scikit-learn's ``_RidgeGCV``); rescaled so that
     ``F A`` varies as much as ``base`` (default ``F``: one run's predictions)."""

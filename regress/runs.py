@@ -103,6 +103,7 @@ class RunData:
     groups: np.ndarray | None = None
     xy: np.ndarray | None = None
     slides: np.ndarray | None = None
+    # written with ``fit --nested``, read only by :func:`read_inner_predictions` (the stack that needs them):
     inner_oof: np.ndarray | None = None  # (folds, n, g): each outer fold's inner OOF of its training rows, NaN elsewhere
     inner_fold: np.ndarray | None = None  # (folds, n): their inner fold, -1 on the outer fold's own rows
 
@@ -132,8 +133,17 @@ def read_run_data(folder: str | os.PathLike) -> RunData:
         with h5py.File(path, "r") as fh:
             opt = lambda k, s=False: (fh[k].asstr()[()] if s else fh[k][()]) if k in fh else None  # noqa: E731
             return RunData(fh["ids"].asstr()[()], list(fh["genes"].asstr()[()]), fh["oof"][()], fh["fold"][()],
-                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True), opt("inner_oof"),
-                           opt("inner_fold"))
+                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True))
+    except (OSError, KeyError) as exc:
+        raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
+
+
+def read_inner_predictions(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """(inner_oof, inner_fold) of a run fitted with ``--nested``, else None; reads only those two datasets."""
+    path = Path(folder) / "oof.h5"
+    try:
+        with h5py.File(path, "r") as fh:
+            return (fh["inner_oof"][()], fh["inner_fold"][()]) if "inner_oof" in fh else None
     except (OSError, KeyError) as exc:
         raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
 

@@ -50,7 +50,8 @@ from sklearn.utils.validation import check_is_fitted
 from featurize import __version__
 from featurize.errors import RunError, UsageError
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, write_run
+from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, read_inner_predictions,
+                          write_run)
 
 
 class Stack(BaseEstimator):
@@ -117,11 +118,10 @@ class Stack(BaseEstimator):
         if P.shape[0] != self.n_runs_:
             raise UsageError(f"stack was fitted on {self.n_runs_} runs, got {P.shape[0]} predictions.")
         out = np.einsum("rnj,rj->nj", P, self.weights_) + self.intercept_
-        if self.method == "cross-gene" and self.blend_ > 0:
-            from regress.context import slide_centered
+        if self.method == "cross-gene":
+            from regress.crossgene import mix
 
-            D_F = slide_centered(np.concatenate(list(P), axis=1), slides)
-            out = out + self.blend_ * (D_F @ self.coef_ - slide_centered(out, slides))
+            out = mix(out, np.concatenate(list(P), axis=1), self.coef_, self.blend_, slides)
         return out
 
 
@@ -239,15 +239,15 @@ def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
     """Each run's ``inner_oof`` and the shared ``inner_fold`` (``fit --nested``); refuses runs without them."""
     inner_oof, inner_fold = [], None
     for r in runs:
-        d = r.data()
-        if d.inner_oof is None:
+        got = read_inner_predictions(r.path)
+        if got is None:
             raise RunError(f"{r.path}: has no inner out-of-fold predictions; refit it with `fit --nested` "
                            "(without --cross-gene and --smooth) for stack --method cross-gene.")
-        if inner_fold is not None and not np.array_equal(d.inner_fold, inner_fold):
+        if inner_fold is not None and not np.array_equal(got[1], inner_fold):
             raise RunError(f"{r.path}: its inner CV folds differ from {runs[0].path}; refit both with the same "
                            "--folds, --groups and --seed.")
-        inner_oof.append(d.inner_oof)
-        inner_fold = d.inner_fold
+        inner_oof.append(got[0])
+        inner_fold = got[1]
     return inner_oof, inner_fold
 
 

@@ -1,6 +1,8 @@
 """--cross-gene: the cross-gene ridge map, its cross-fitted choice (brute force), nesting without leakage,
 and fit -> run folder -> predict."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
@@ -168,7 +170,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
     from regress.cv import cross_val_predict_groups, make_splits
     from regress.heads import make_head
     from regress.predict import predict_table
-    from regress.runs import load_run
+    from regress.runs import load_run, read_inner_predictions
     from regress.stack import Stack, load_stack, stack_runs
 
     table, test, cache = embedded_train_test(tmp_path, 5)
@@ -179,7 +181,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
     assert cli.main(base) == 0  # no inner predictions
     a, b = (load_run(tmp_path / "r" / f"train-timm_test_vit-{h}-nested") for h in ("ridge", "pls"))
     plain = load_run(tmp_path / "r" / "train-timm_test_vit-ridge")
-    da = a.data()
+    da = dataclasses.replace(a.data(), **dict(zip(("inner_oof", "inner_fold"), read_inner_predictions(a.path))))
     assert da.inner_oof.shape == (4,) + da.y.shape and a.info["identity_fields"]["nested"] is True
     np.testing.assert_allclose(da.oof, plain.data().oof, atol=1e-6)  # --nested changes nothing the run predicts
     # fold 0's inner predictions: the head refitted on the inner folds of fold 0's training rows only
@@ -195,7 +197,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
     with pytest.raises(RunError, match="fit --nested"):
         stack_runs([a.path, plain.path], out_dir=tmp_path / "bad", method="cross-gene", log=lambda *x: None)
     res = stack_runs([a.path, b.path], out_dir=tmp_path / "st", method="cross-gene", log=lambda *x: None)
-    db = b.data()
+    db = dataclasses.replace(b.data(), inner_oof=read_inner_predictions(b.path)[0])
     for f in range(4):  # each held-out fold from a map learned on inner predictions of the other folds only
         trf, va = da.fold != f, da.fold == f
         st = Stack("cross-gene").fit([da.inner_oof[f][trf], db.inner_oof[f][trf]], da.y[trf], fold=da.inner_fold[f][trf])
