@@ -332,7 +332,7 @@ def cmd_predict(args) -> int:
     from regress.spatial import write_h5ad
 
     res = open_result(args.run)
-    test = read_table(args.data, check_files=False)
+    test = read_table(args.data[0], check_files=False)
     genes = [c for c in df.columns if c != "ID"]
     prov = {"run": str(Path(args.run).resolve()), "kind": res.kind, "table": str(test.source),
             "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256")}
@@ -600,7 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Embed the test tiles if needed (same backbone settings, checked), predict, "
                                     "apply the stack, and write ID + genes (training order or --template order).")
     sp.add_argument("run", metavar="RUN", help="run or stack folder")
-    common_data(sp)
+    sp.add_argument("--data", required=True, action="append",
+                    help="test tile table (CSV or Parquet): ID, path, [slide/patient], [x, y]; repeat it with the same "
+                         "spots cut at each tile size when the stack's runs were trained on several (`tiles "
+                         "--tile-um`: each run gets the table of its own size; rows follow the first)")
+    sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
     sp.add_argument("--out", required=True, help="output: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
                                                  "obsm['spatial'])")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
@@ -609,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("predict-slide", help="expression maps for a whole H&E slide never sequenced (AnnData out)",
                         description="Find the tissue on a thumbnail, cut it into a grid of tiles at the physical size "
-                                    "the run was trained on, embed them through the normal caches, predict with the run "
+                                    "the run was trained on (every size around the same centres for a multi-scale "
+                                    "stack), embed them through the normal caches, predict with the run "
                                     "or stack, and write AnnData that scanpy/squidpy plot like Visium. Pyramidal TIFF/SVS "
                                     "are read region by region (tiffslide, or openslide when installed); JPEG/PNG with "
                                     "Pillow.")
@@ -619,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mpp", type=float, default=None,
                     help="micrometres per pixel at full resolution (required when the file does not record it: JPEG, PNG)")
     sp.add_argument("--tile-um", type=float, default=None,
-                    help="tile side in micrometres (default: the training tiles' size, recorded in the run)")
+                    help="tile side in micrometres (default: the training tiles' size, recorded in the run; not "
+                         "with a stack of runs trained on several sizes)")
     sp.add_argument("--force", action="store_true", help="allow a --tile-um more than 10%% off the training tiles' size")
     sp.add_argument("--min-tissue", type=float, default=0.5, help="keep tiles at least this fraction tissue (default: %(default)s)")
     sp.add_argument("--gene", action="append", help="also draw this gene's predicted map over the H&E as PNG (repeatable; ID or symbol)")

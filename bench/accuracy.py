@@ -19,7 +19,8 @@ inner CV on the training sections only:
 * ``--cross-gene``: each gene's prediction blended with a ridge regression of it on every gene's
   prediction (ridge strength and blend by nested CV on the training sections);
 * ``stack --method cross-gene`` over three runs fitted with ``--nested`` (scored on inner predictions that
-  never saw the held-out section);
+  never saw the held-out section), and over seven: those three plus ridge and krr on four+stages on the 2x
+  and 4x tiles (a multi-scale stack);
 * the per-gene stack of the runs (weights cross-fitted), ``nnls`` over every run and ``select``
   (forward selection and shrinkage, chosen on the training folds of each held-out section), each also with
   ``center_folds`` (weights learned on the within-section variation), and ``shrink`` (every run, only the
@@ -85,6 +86,7 @@ def main() -> int:
     t = read_table(table, group_col="slide")
     rows, paths, nested = [], {}, {}
 
+    stages = [f"{b}+stages" for b in four]
     scaled = {}
     her2st = ROOT.parent / "shared" / "data" / "her2st"
     for s in (2, 4):  # the same spots at s times the side, as their own tables (same IDs, genes, targets)
@@ -96,8 +98,7 @@ def main() -> int:
         scaled[s] = read_table(path, group_col="slide")
         if list(scaled[s].ids) != list(t.ids) or list(scaled[s].genes) != list(t.genes):
             raise SystemExit(f"{path}: not the same spots and genes as {table}")
-        embed(scaled[s], ["efficientnet_lite0", "mobilenetv2"], cache_dir=folder / "cache", progress=False)
-    stages = [f"{b}+stages" for b in four]
+        embed(scaled[s], ["efficientnet_lite0", "mobilenetv2"] + stages, cache_dir=folder / "cache", progress=False)
     stages_zoom = [f"{b}+stages@{2 * get_spec(b).input_size}" for b in four]
     embed(table, ["efficientnet_lite0@448"] + stages + stages_zoom, cache_dir=cache, progress=False)
     t_embed = time.perf_counter() - t0
@@ -205,6 +206,14 @@ def main() -> int:
         nested=True, **cc)
     fit("krr four+stages@2x + context 6, centered, one width and alpha, nested", stages_zoom, head="krr",
         head_params=one_krr, nested=True, **cc)
+    # the same two settings on the 2x and 4x tiles (the spot with its surroundings, resized to 224 px), nested too:
+    # with the three above, ridge and krr at every tile size for the multi-scale cross-gene stack
+    for s in (2, 4):
+        fit(f"ridge four+stages + context 6, {s}x tiles, centered, one alpha, nested", stages, scale=s,
+            head_params=one_alpha, nested=True, **cc)
+        fit(f"krr four+stages + context 6, {s}x tiles, centered, one width and alpha, nested", stages, scale=s,
+            head="krr", head_params=one_krr, nested=True, **cc)
+    nested_1x = [k for k in nested if "x tiles" not in k]
     single = [k for k in paths if "x tiles" not in k]
     centered = [k for k in paths if "centered" in k]
     for label, members, method, within in (
@@ -222,8 +231,11 @@ def main() -> int:
         ("stack of the runs before the variants, select", [k for k in paths if not _variant_row(k)], "select", False),
         ("stack of every run, select, center folds", list(paths), "select", True),
         ("stack of every run, shrink, center folds", list(paths), "shrink", True),
-        ("stack of the three nested runs, cross-gene", list(nested), "cross-gene", False),
-        ("stack of the three nested runs, shrink, center folds", list(nested), "shrink", True)):
+        ("stack of the three nested runs, cross-gene", nested_1x, "cross-gene", False),
+        ("stack of the three nested runs, shrink, center folds", nested_1x, "shrink", True),
+        ("stack of the seven nested runs at 1x, 2x and 4x tiles, cross-gene", list(nested), "cross-gene", False),
+        ("stack of the seven nested runs at 1x, 2x and 4x tiles, shrink, center folds", list(nested), "shrink",
+         True)):
         t1 = time.perf_counter()
         st = stack_runs([{**paths, **nested}[m] for m in members], out_dir=runs / label.replace(" ", "_").replace(",", ""),
                         method=method, log=lambda *a: None, overwrite=True, center_folds=within)

@@ -204,23 +204,31 @@ def tile_grid(mask: np.ndarray, scale: float, width: int, height: int, tile_px: 
 
 
 def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, out_px: int = 224,
-              min_tissue: float = 0.5, name: str | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+              min_tissue: float = 0.5, name: str | None = None, progress: bool = True,
+              grid_um: float | None = None) -> tuple[Path, dict[str, Any]]:
     """Cut the slide's tissue into a grid of ``tile_um`` tiles; returns (tile table, what was done).
 
-    A table already cut with the same slide (path, size, mtime), tile size,
-    output size and tissue threshold is reused as it is.
+    ``grid_um`` (default ``tile_um``): the grid's cell, which decides where tissue is and the tile centres;
+    a larger ``tile_um`` then cuts each cell with its surroundings, with the same IDs and centres as the
+    grid's own cut (one table per size, ``<name>@<tile_um>um.csv``, for runs of a multi-scale stack;
+    outside the slide is white).  A table already cut with the same slide (path, size, mtime), tile size,
+    grid, output size and tissue threshold is reused as it is.
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     name = name or slide.path.stem
     tile_px = tile_um / slide.mpp
+    grid_um = tile_um if grid_um is None else float(grid_um)
+    cell_px = grid_um / slide.mpp
+    stem = name if grid_um == tile_um else f"{name}@{tile_um:g}um"
     st = slide.path.stat()
     params = {"slide": str(slide.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "mpp": slide.mpp,
-              "tile_um": tile_um, "out_px": out_px, "min_tissue": min_tissue, "tissue": TISSUE_DETECTOR}
+              "tile_um": tile_um, "out_px": out_px, "min_tissue": min_tissue, "tissue": TISSUE_DETECTOR,
+              **({"grid_um": grid_um} if grid_um != tile_um else {})}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    table = out_dir / f"{name}.csv"
-    side = out_dir / f"{name}.json"
+    table = out_dir / f"{stem}.csv"
+    side = out_dir / f"{stem}.json"
     try:
         done = json.loads(side.read_text())
         if done.get("key") == key and table.is_file():
@@ -232,31 +240,34 @@ def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, 
     if not mask.any():
         raise ImportDataError(f"{slide.path}: no tissue found on the thumbnail (saturation threshold); check the "
                               "image, or it is blank glass.")
-    grid = tile_grid(mask, scale, slide.width, slide.height, tile_px, min_tissue)
+    grid = tile_grid(mask, scale, slide.width, slide.height, cell_px, min_tissue)
     if not grid:
-        raise ImportDataError(f"{slide.path}: tissue found but no {tile_um:g} um tile holds {min_tissue:.0%} of it; "
+        raise ImportDataError(f"{slide.path}: tissue found but no {grid_um:g} um tile holds {min_tissue:.0%} of it; "
                               "lower --min-tissue.")
-    rel = Path("tiles") / f"{name}-{key}"  # keyed: a cut with other parameters never reuses these tiles
+    rel = Path("tiles") / f"{stem}-{key}"  # keyed: a cut with other parameters never reuses these tiles
     (out_dir / rel).mkdir(parents=True, exist_ok=True)
     side_px = int(round(tile_px))
     rows = []
     for r, c, x0, y0 in tqdm(grid, desc="cut", unit="tile", disable=not progress, file=sys.stderr):
         tid = f"{name}_r{r}_c{c}"
         dest = out_dir / rel / f"{tid}.png"
+        cx, cy = x0 + cell_px / 2.0, y0 + cell_px / 2.0
         if not dest.is_file():
-            tile = slide.read_region(x0, y0, side_px, side_px)
+            tile = slide.read_region(int(round(cx - tile_px / 2.0)), int(round(cy - tile_px / 2.0)), side_px, side_px)
             if side_px != out_px:
                 tile = tile.resize((out_px, out_px), Image.Resampling.LANCZOS)
             with atomic_path(dest) as tmp:
                 tile.save(tmp, format="PNG")
         rows.append({"ID": tid, "path": f"./{(rel / dest.name).as_posix()}", "slide": name,
-                     "x": x0 + tile_px / 2.0, "y": y0 + tile_px / 2.0, "grid_row": r, "grid_col": c})
-    done = {"key": key, **params, "tile_px_level0": tile_px, "n_tiles": len(rows), "mpp_source": slide.mpp_source,
+                     "x": cx, "y": cy, "grid_row": r, "grid_col": c})
+    # "table" and "slides" make it a sidecar that read_sidecar/tile_um_of understand (the tiles' size for predict)
+    done = {"key": key, "table": table.name, **params, "slides": {name: {"tile_um": tile_um}},
+            "tile_px_level0": tile_px, "n_tiles": len(rows), "mpp_source": slide.mpp_source,
             "backend": slide.backend, "thumbnail_scale": scale, "tissue_fraction": float(mask.mean()),
             "width": slide.width, "height": slide.height}
     write_csv_atomic(pd.DataFrame(rows), table)
     side.write_text(json.dumps(done, indent=1))
-    for stale in (out_dir / "tiles").glob(f"{name}-*"):  # an earlier cut of this slide with other parameters
+    for stale in (out_dir / "tiles").glob(f"{stem}-*"):  # an earlier cut of this slide with other parameters
         if stale.is_dir() and stale.name != rel.name and len(stale.name) == len(rel.name):
             shutil.rmtree(stale, ignore_errors=True)
     return table, done

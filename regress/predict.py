@@ -24,6 +24,7 @@ from featurize.table import TileTable, index_of, read_table, write_csv_atomic
 from regress.context import neighbour_features, slide_split
 from regress.stack import check_runs
 from regress.runs import Run, open_result
+from regress.scales import assign_tables
 
 
 def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size: int, log) -> np.ndarray:
@@ -63,13 +64,17 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
     return X
 
 
-def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cache_dir="cache",
-                  template: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 64,
-                  trust_pickle: bool = False, log=print) -> pd.DataFrame:
+def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike], *,
+                  cache_dir="cache", template: str | os.PathLike | None = None, device: str = "auto",
+                  batch_size: int = 64, trust_pickle: bool = False, force_size: bool = False,
+                  log=print) -> pd.DataFrame:
     """Predictions for every tile of ``data`` as a DataFrame (ID + genes).
 
     Everything about training comes from the run (or stack) folder itself;
-    the training table and its tiles are not needed.
+    the training table and its tiles are not needed.  ``data`` may be several
+    tables of the same tiles cut at different physical sizes, for a stack of
+    runs trained on several (:mod:`regress.scales` gives each run its own);
+    rows follow the first.  ``force_size``: one table is used whatever its tiles' recorded size.
     """
     res = open_result(model_path)
     if res.kind == "stack":
@@ -80,7 +85,13 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
         check_runs(runs)
     else:
         runs, stack, genes = [res], None, res.genes
-    test = read_table(data)
+    tables = [read_table(p) for p in ([data] if isinstance(data, (str, os.PathLike)) else list(data))]
+    test = tables[0]
+    for t in tables[1:]:
+        if not np.array_equal(t.ids, test.ids):
+            raise TableError(f"{t.source}: its IDs differ from {test.source}'s; tables of several tile sizes must list "
+                             "the same tiles in the same order (cut from the same spots).")
+    per_run = assign_tables(runs, tables, force=force_size)
     train_ids = res.data().ids
     overlap = np.intersect1d(train_ids, test.ids)
     if len(overlap):
@@ -89,8 +100,8 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike, *, cac
     models = [run.model(trust_pickle=trust_pickle) for run in runs]  # before any embedding: refusals come first
     _check_precision(runs, device)
     preds = []
-    for run, model in zip(runs, models):
-        X = _features_for(run, test, cache_dir, device, batch_size, log)
+    for run, model, table in zip(runs, models, per_run):
+        X = _features_for(run, table, cache_dir, device, batch_size, log)
         P_run = np.asarray(model.predict(X), dtype=np.float64).reshape(len(test), -1)
         cross = run.cross_gene()
         if cross is not None:  # the run's cross-gene stage, before any smoothing (the order it was fitted in)

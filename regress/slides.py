@@ -17,24 +17,19 @@ from typing import Sequence
 from featurize import __version__
 from featurize.errors import RunError, UsageError
 from regress.runs import Run, load_run, open_result
+from regress.scales import distinct_sizes, run_tile_um, same_size
 
-#: Tiles more than this far from the training tiles' physical size are refused unless forced.
-TILE_SIZE_TOLERANCE = 0.10
-
-
-def trained_tile_um(res: Run) -> float | None:
-    """The tiles' physical size (um) the run (or a stack's first run) was trained on, if recorded."""
-    if res.info.get("tile_um"):
-        return float(res.info["tile_um"])
-    if res.kind == "stack":
-        for p in res.info.get("runs", []):
-            try:
-                v = load_run(p).info.get("tile_um")
-            except RunError:  # a moved run simply does not tell
-                v = None
-            if v:
-                return float(v)
-    return None
+def trained_tile_sizes(res: Run) -> list[float]:
+    """The different tile sides (um) the run, or a stack's runs, were trained on (smallest first; [] if unrecorded)."""
+    if res.kind != "stack":
+        return distinct_sizes([run_tile_um(res)])
+    sizes = []
+    for p in res.info.get("runs", []):
+        try:
+            sizes.append(run_tile_um(load_run(p)))
+        except RunError:  # a moved run simply does not tell
+            sizes.append(None)
+    return distinct_sizes(sizes)
 
 
 def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | os.PathLike, *, mpp: float | None = None,
@@ -56,13 +51,18 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     unknown = [g for g in genes if g not in known]
     if unknown:
         raise UsageError(f"--gene {unknown[0]}: not among the run's {len(res.genes)} genes (IDs or symbols).")
-    trained = trained_tile_um(res)
+    sizes = trained_tile_sizes(res)
+    trained = sizes[0] if sizes else None
+    if len(sizes) > 1 and tile_um is not None:
+        raise UsageError(f"--tile-um {tile_um:g}: the stack's runs were trained on tiles of "
+                         f"{' and '.join(f'{s:g}' for s in sizes)} um, and each gets its own size around the same "
+                         "centres; drop --tile-um.")
     if tile_um is None:
         if trained is None:
             raise UsageError(f"{run}: the run does not record its tiles' physical size (its table was not made by "
                              "`tiles`); pass --tile-um.")
         tile_um = trained
-    elif trained is not None and abs(tile_um / trained - 1.0) > TILE_SIZE_TOLERANCE and not force:
+    elif trained is not None and not same_size(tile_um, trained) and not force:
         raise UsageError(f"--tile-um {tile_um:g}: the run was trained on {trained:g} um tiles; predictions on tiles of "
                          "another physical size are not what it learned (pass --force to do it anyway).")
     if tile_um <= 0:
@@ -75,8 +75,13 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
         table, cut = cut_slide(img, work, tile_um=tile_um, min_tissue=min_tissue, name=name, progress=progress)
         log(f"[predict-slide] {cut['n_tiles']} tiles of {tile_um:g} um ({cut['tile_px_level0']:.0f} px at "
             f"{img.mpp:g} um/px from {img.mpp_source}) in {time.perf_counter() - t0:.1f}s: {table}")
-        df = predict_table(run, table, cache_dir=cache_dir, device=device, batch_size=batch_size,
-                           trust_pickle=trust_pickle, log=log)
+        tables = [table]
+        for size in sizes[1:]:  # a multi-scale stack: the same tiles with their surroundings, one table per size
+            tables.append(cut_slide(img, work, tile_um=size, grid_um=tile_um, min_tissue=min_tissue, name=name,
+                                    progress=progress)[0])
+            log(f"[predict-slide] the same tiles at {size:g} um: {tables[-1]}")
+        df = predict_table(run, tables, cache_dir=cache_dir, device=device, batch_size=batch_size,
+                           trust_pickle=trust_pickle, force_size=force, log=log)
         thumb, scale = img.thumbnail(2000)
     finally:
         img.close()
@@ -87,7 +92,8 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
 
     grid = pd.read_csv(table, usecols=["grid_row", "grid_col"]).to_numpy()
     prov = {"run": str(Path(run).resolve()), "kind": res.kind, "slide_path": str(Path(slide).resolve()),
-            "tile_um": tile_um, "trained_tile_um": trained, "mpp": img.mpp, "mpp_source": img.mpp_source,
+            "tile_um": tile_um, "trained_tile_um": trained, "trained_tile_sizes_um": sizes, "mpp": img.mpp,
+            "mpp_source": img.mpp_source,
             "n_tiles": len(t), "hexpress_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256"),
                            "random_init": b.get("random_init")} for b in res.info.get("backbones", [])],

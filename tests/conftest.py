@@ -83,3 +83,37 @@ def ridge_data(n=160, d=24, g=9, seed=0, signal=4):
 def rel_err(a, b) -> float:
     """Largest absolute difference relative to the largest entry of ``b``."""
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+
+def record_tile_size(table: Path, tile_um: float) -> None:
+    """A ``tiles``-style sidecar beside ``table`` recording its tiles' physical size (um)."""
+    import json
+
+    import pandas as pd
+
+    table = Path(table)
+    slides = sorted(set(pd.read_csv(table, usecols=["slide"])["slide"].astype(str)))
+    table.with_suffix(".json").write_text(json.dumps({"table": table.name, "gene_names": {},
+                                                      "slides": {s: {"tile_um": tile_um} for s in slides}}))
+
+
+def at_tile_size(table: Path, name: str, tile_um: float) -> Path:
+    """The same rows as ``table`` (IDs, targets, slides, x, y) with other pixels (mirrored), as if its spots were
+    cut at a second tile size: ``<name>.csv`` beside it, with a sidecar recording ``tile_um``."""
+    import pandas as pd
+    from PIL import Image
+
+    table = Path(table)
+    df = pd.read_csv(table)
+    (table.parent / name).mkdir(exist_ok=True)
+    paths = []
+    for p in df["path"]:
+        dest = table.parent / name / Path(p).name
+        Image.open(table.parent / p).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(dest)
+        paths.append(f"./{name}/{dest.name}")
+    df["path"] = paths
+    out = table.parent / f"{name}.csv"
+    df.to_csv(out, index=False)
+    record_tile_size(out, tile_um)
+    return out

@@ -320,3 +320,41 @@ def test_recutting_a_slide_at_another_tile_size_never_reuses_the_earlier_tiles(t
         got = np.asarray(Image.open(tmp_path / "w" / r.path).convert("RGB"), dtype=int)
         assert np.abs(want - got).max() <= 2, r.ID
     assert len(list((tmp_path / "w" / "tiles").iterdir())) == 1  # the earlier cut's tiles are removed
+
+
+def test_predict_slide_with_a_two_size_stack_cuts_each_size_around_the_same_centres(slide_run, tmp_path, capsys):
+    import anndata
+
+    from conftest import at_tile_size
+    from featurize.wsi import open_slide
+    from regress.predict import predict_table
+
+    root = slide_run
+    train2 = at_tile_size(root / "data" / "train.csv", "train_x2", 200.0)  # the same spots with their surroundings
+    common = ["--cache-dir", root / "cache", "--runs-dir", tmp_path / "runs", "--folds", "4", "--device", "cpu"]
+    assert run(["embed", "--data", train2, "--backbone", "timm:test_vit", "--random-init", "--quiet", "--cache-dir",
+                root / "cache", "--workers", "0"]) == 0
+    assert run(["fit", "--data", train2, "--backbone", "timm:test_vit", "--head", "ridge", *common]) == 0
+    assert run(["stack", root / "runs" / "train-timm_test_vit-ridge", tmp_path / "runs" / "train_x2-timm_test_vit-ridge",
+                "--out", tmp_path / "stack"]) == 0
+    base = ["--cache-dir", tmp_path / "c", "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert run(["predict-slide", tmp_path / "stack", root / "slide.tif", "--out", tmp_path / "s.h5ad", "--tile-um", "100",
+                *base]) == 2
+    assert "drop --tile-um" in capsys.readouterr().err
+    assert run(["predict-slide", tmp_path / "stack", root / "slide.tif", "--out", tmp_path / "s.h5ad", *base]) == 0
+    work = tmp_path / "s_tiles"
+    t1, t2 = pd.read_csv(work / "slide.csv"), pd.read_csv(work / "slide@200um.csv")
+    assert len(t1) > 5 and list(t1.ID) == list(t2.ID)
+    np.testing.assert_allclose(t1[["x", "y"]], t2[["x", "y"]])
+    slide = open_slide(root / "slide.tif")
+    for _, r in t2.iloc[[0, len(t2) // 2, -1]].iterrows():  # 200 um = 400 px around the 100 um tile's centre
+        want = slide.read_region(int(round(r.x - 200)), int(round(r.y - 200)), 400, 400)
+        want = np.asarray(want.resize((224, 224), Image.Resampling.LANCZOS), dtype=int)
+        got = np.asarray(Image.open(work / r.path).convert("RGB"), dtype=int)
+        assert np.abs(want - got).max() <= 2, r.ID
+    ad = anndata.read_h5ad(tmp_path / "s.h5ad")
+    want = predict_table(tmp_path / "stack", [work / "slide.csv", work / "slide@200um.csv"], cache_dir=tmp_path / "c",
+                         device="cpu", log=lambda *a: None)
+    np.testing.assert_allclose(ad.X, want[list(ad.var_names)].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert json.loads(ad.uns["hexpress"]["provenance_json"])["trained_tile_sizes_um"] == [100.0, 200.0]
