@@ -302,10 +302,11 @@ def cmd_stack(args) -> int:
     if args.all:
         from regress.runs import runs_for_table
 
-        found = [str(p) for p in runs_for_table(args.runs_dir, args.all)]
-        if not found:
-            raise HexpressError(f"--all {args.all}: no finished run under {args.runs_dir} was fitted on that table.")
-        runs += found
+        for table in args.all:
+            found = [str(p) for p in runs_for_table(args.runs_dir, table)]
+            if not found:
+                raise HexpressError(f"--all {table}: no finished run under {args.runs_dir} was fitted on that table.")
+            runs += found
     if args.alpha is not None and args.method != "ridge":
         raise HexpressError(f"--alpha is the ridge stacker's penalty; it does nothing with --method {args.method}.")
     res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=1.0 if args.alpha is None else args.alpha,
@@ -579,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "predictions; its score is cross-fitted and printed beside the best single run "
                                     "and the plain average.")
     sp.add_argument("runs", nargs="*", metavar="RUN", help="run folders to blend")
-    sp.add_argument("--all", metavar="TABLE", help="also every run under --runs-dir fitted on this tile table")
+    sp.add_argument("--all", metavar="TABLE", action="append",
+                    help="also every run under --runs-dir fitted on this tile table (repeatable: the tables of the "
+                         "same spots cut at several tile sizes, for a multi-scale stack)")
     sp.add_argument("--runs-dir", default=DEFAULT_RUNS, help="where --all looks for runs (default: %(default)s)")
     sp.add_argument("--method", choices=STACK_METHODS, default="nnls",
                     help="nnls: non-negative per-gene weights summing to one (default); select: the same over runs "

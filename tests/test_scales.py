@@ -69,7 +69,7 @@ def two_sizes(tmp_path_factory):
         assert run(["fit", "--data", table, "--backbone", "timm:test_vit", "--head", "ridge", "--cache-dir",
                     cache, "--runs-dir", root / "runs", "--folds", "4", "--device", "cpu"]) == 0
         runs[table.stem] = root / "runs" / f"{table.stem}-timm_test_vit-ridge"
-    assert run(["stack", runs["train"], runs["train_x2"], "--out", root / "stack"]) == 0
+    assert run(["stack", "--all", train, "--all", train2, "--runs-dir", root / "runs", "--out", root / "stack"]) == 0
     return root, cache, test, test2, runs
 
 
@@ -106,4 +106,5 @@ def test_a_two_size_stack_predicts_each_run_on_its_own_tiles(two_sizes, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
     assert not (root / "r.csv").exists()
-    assert open_result(root / "stack").kind == "stack"
+    res = open_result(root / "stack")
+    assert res.kind == "stack" and sorted(res.info["runs"]) == sorted(str(p.resolve()) for p in runs.values())
