@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import RunError
-from regress.runs import RunData, open_result
+from regress.runs import RunData, load_run, open_result
 
 
 def _plt():
@@ -18,6 +18,23 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _member_rows(info: dict) -> list[str]:
+    """A stack's runs as a Markdown table: folder, tile table, tile size, head, PCC/gene by fold."""
+    score = {str(Path(row["run"]).resolve()): row.get("pcc_gene_by_fold") for row in info.get("summary", [])}
+    rows = ["| run | table | tile um | head | PCC/gene by fold |", "|---|---|---|---|---|"]
+    for p in info.get("runs", []):
+        try:
+            r = load_run(p).info
+        except RunError:  # moved since: the stack still holds its predictions, only the details are gone
+            rows.append(f"| `{Path(p).name}` | (moved) | | | |")
+            continue
+        size = f"{r['tile_um']:.0f}" if r.get("tile_um") else ""
+        got = score.get(str(Path(p).resolve()))
+        pcc = f"{got:.4f}" if got is not None else ""
+        rows.append(f"| `{Path(p).name}` | `{Path(r['table']['path']).name}` | {size} | {r['head']['name']} | {pcc} |")
+    return rows
 
 
 def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | None = None) -> Path:
@@ -58,9 +75,12 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
     for k in ("pcc_gene_mean_by_fold", "pcc_gene_mean", "pcc_gene_median", "pcc_tile_mean", "mse"):
         if k in metrics:
             lines.append(f"| {k} | {metrics[k]:.4f} |")
-    lines += ["", f"Table: `{info['table']['path']}`; head: `{info.get('head', {}).get('name', info.get('method'))}`; "
-              f"backbones: {', '.join(b['backbone'] for b in info.get('backbones', [])) or 'see runs'}", "",
-              "![per-gene PCC](pcc_hist.png)", "", "| best genes | r | worst genes | r |", "|---|---|---|---|"]
+    if res.kind == "stack":
+        lines += ["", f"Stack (`{info.get('method')}`) of {len(info.get('runs', []))} runs:", ""] + _member_rows(info)
+    else:
+        lines += ["", f"Table: `{info['table']['path']}`; head: `{info.get('head', {}).get('name')}`; backbones: "
+                      f"{', '.join(b['backbone'] for b in info.get('backbones', []))}"]
+    lines += ["", "![per-gene PCC](pcc_hist.png)", "", "| best genes | r | worst genes | r |", "|---|---|---|---|"]
     for (bg, br), (wg, wr) in zip(best, worst):
         lines.append(f"| {label(bg)} | {br:.3f} | {label(wg)} | {wr:.3f} |")
     if metrics.get("constant_genes"):

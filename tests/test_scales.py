@@ -108,3 +108,9 @@ def test_a_two_size_stack_predicts_each_run_on_its_own_tiles(two_sizes, capsys):
     assert not (root / "r.csv").exists()
     res = open_result(root / "stack")
     assert res.kind == "stack" and sorted(res.info["runs"]) == sorted(str(p.resolve()) for p in runs.values())
+    # the report says which table and tile size each run of the stack came from
+    assert run(["report", root / "stack"]) == 0
+    md = (root / "stack" / "report" / "report.md").read_text()
+    rows = {line.split("|")[2].strip(" `"): line.split("|")[3].strip() for line in md.splitlines()
+            if line.startswith("| `train")}
+    assert rows == {"train.csv": "100", "train_x2.csv": "200"}, md
