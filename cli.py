@@ -387,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser)
 
-    def common_data(sp, required=True):
-        sp.add_argument("--data", required=required, help="tile table (CSV or Parquet): ID, path, [slide/patient], [x, y], gene columns")
+    def common_data(sp, required=True, data_help="tile table (CSV or Parquet): ID, path, [slide/patient], [x, y], "
+                                                 "gene columns", repeatable=False):
+        sp.add_argument("--data", required=required, help=data_help, **({"action": "append"} if repeatable else {}))
         sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
 
     bb_help = (f"backbone name (repeatable): {', '.join(list_backbones())}, or timm:<model>; variants NAME+stages, "
@@ -603,11 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Embed the test tiles if needed (same backbone settings, checked), predict, "
                                     "apply the stack, and write ID + genes (training order or --template order).")
     sp.add_argument("run", metavar="RUN", help="run or stack folder")
-    sp.add_argument("--data", required=True, action="append",
-                    help="test tile table (CSV or Parquet): ID, path, [slide/patient], [x, y]; repeat it with the same "
-                         "spots cut at each tile size when the stack's runs were trained on several (`tiles "
-                         "--tile-um`: each run gets the table of its own size; rows follow the first)")
-    sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
+    common_data(sp, repeatable=True,
+                data_help="test tile table (CSV or Parquet): ID, path, [slide/patient], [x, y]; repeat it with the "
+                          "same spots cut at each tile size when the stack's runs were trained on several (`tiles "
+                          "--tile-um`: each run gets the table of its own size; rows follow the first)")
     sp.add_argument("--out", required=True, help="output: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
                                                  "obsm['spatial'])")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")

@@ -41,7 +41,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from featurize.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
 from featurize.table import read_table  # noqa: E402
-from regress.cv import cross_val_predict_groups, make_splits  # noqa: E402
+from regress.cv import cross_val_predict_groups, fold_labels, make_splits  # noqa: E402
 from regress.metrics import evaluate, evaluate_by_fold  # noqa: E402
 from regress.fit import fit_run  # noqa: E402
 from regress.training import load_training_data  # noqa: E402
@@ -77,9 +77,7 @@ def hest_protocol(out: Path) -> None:
             td = load_training_data(table, [], cache_files=[str(cache)])
             n_groups = len(set(td.groups))
             splits = make_splits(len(td.Y), n_groups, td.groups)
-            fold = np.zeros(len(td.Y), int)
-            for f, (_, va) in enumerate(splits):
-                fold[va] = f
+            fold = fold_labels(splits, len(td.Y))
             g = td.Y.shape[1]
             for label, est in (
                     ("HEST protocol", make_pipeline(StandardScaler(), PCA(256, random_state=0),
@@ -130,9 +128,7 @@ def main() -> None:
 
     td = load_training_data(table, [], cache_files=[str(base)])
     splits = make_splits(len(td.Y), 6, td.groups)
-    fold = np.zeros(len(td.Y), int)
-    for f, (_, va) in enumerate(splits):
-        fold[va] = f
+    fold = fold_labels(splits, len(td.Y))
     g = td.Y.shape[1]
     rows = []
 

@@ -34,6 +34,14 @@ def make_splits(n: int, cv: Any, groups=None, seed: int = 0) -> list[tuple[np.nd
     return [(a, b) for a, b in KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros((n, 1)))]
 
 
+def fold_labels(splits, n: int) -> np.ndarray:
+    """(n,) int32: each row's validation fold in ``splits`` (rows in no validation part: 0)."""
+    fold = np.zeros(n, dtype=np.int32)
+    for f, (_, val) in enumerate(splits):
+        fold[val] = f
+    return fold
+
+
 def inner_groups(groups):
     """Groups for a head's inner CV: ``None`` (plain K-fold) when fewer than 2 remain.
 

@@ -14,7 +14,7 @@ import numpy as np
 from featurize import __version__
 from featurize.errors import UsageError
 from featurize.importers.common import read_sidecar, slide_images_of, tile_um_of
-from regress.cv import accepts_groups, cross_val_predict_groups, make_splits
+from regress.cv import accepts_groups, cross_val_predict_groups, fold_labels, make_splits
 from regress.heads import is_plugin, make_head
 from regress.metrics import evaluate, evaluate_by_fold
 from regress.runs import RUN_FORMAT, RunData, digest_array, identity_of, jsonable, refuse_other_identity, write_run
@@ -78,9 +78,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
                          "or re-import with --patient SECTION=PATIENT.")
     est = make_head(head, device, seed, head_params)  # parameters checked before any work
     splits = make_splits(len(td.ids), folds, groups, seed)
-    fold_of = np.zeros(len(td.ids), dtype=np.int32)
-    for f, (_, val) in enumerate(splits):
-        fold_of[val] = f
+    fold_of = fold_labels(splits, len(td.ids))
     if device.startswith("cuda") and not is_plugin(head) and "device" not in est.get_params(deep=False):
         log(f"[fit] note: head '{head}' has no GPU path and runs on the CPU.")
     params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}

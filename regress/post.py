@@ -57,7 +57,7 @@ def nested_cv(estimator, X, Y, splits, groups, steps: Sequence[Step], inner_fold
     their inner fold) - what ``fit --nested`` keeps for ``stack --method cross-gene``."""
     from sklearn.base import clone
 
-    from regress.cv import accepts_groups, cross_val_predict_groups, inner_groups, make_splits
+    from regress.cv import accepts_groups, cross_val_predict_groups, fold_labels, inner_groups, make_splits
 
     raw = np.zeros(Y.shape, dtype=np.float64)
     out = np.zeros(Y.shape, dtype=np.float64)
@@ -69,9 +69,7 @@ def nested_cv(estimator, X, Y, splits, groups, steps: Sequence[Step], inner_fold
         n_inner = inner_folds if g_in is None else min(inner_folds, len(np.unique(g_in)))
         inner = make_splits(len(tr), n_inner, g_in, seed)
         p_in = cross_val_predict_groups(estimator, X[tr], Y[tr], inner, g_in).astype(np.float64)
-        f_in = np.zeros(len(tr), int)
-        for j, (_, v) in enumerate(inner):
-            f_in[v] = j
+        f_in = fold_labels(inner, len(tr))
         if inner_out is not None:
             inner_out.append((p_in, f_in))
         settings, _ = choose_steps(steps, Y[tr], p_in, f_in, np.asarray(tr))

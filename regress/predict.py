@@ -110,11 +110,10 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Seque
             P_run = cross.predict(P_run, test.slides)
         sm = run.info.get("smooth")
         if sm:  # the run's spatial smoothing, with the test tiles' own neighbours
-            from regress.context import neighbour_mean
-            from regress.smooth import smooth
+            from regress.smooth import SmoothStep
 
-            P_run = smooth(P_run, neighbour_mean(P_run, test.xy, test.slides, int(sm["k"]), str(test.source),
-                                                 "a run fitted with --smooth"), np.asarray(sm["lambdas"]))
+            step = SmoothStep(int(sm["k"]), test.xy, test.slides, str(test.source), "a run fitted with --smooth")
+            P_run = step.apply(P_run, np.asarray(sm["lambdas"]), np.arange(len(test)))
         preds.append(P_run)
     P = stack.predict(preds, test.slides) if stack is not None else preds[0]
     if P.shape != (len(test), len(genes)):

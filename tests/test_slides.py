@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import cli
-from conftest import VISIUM, needs_visium
+from conftest import VISIUM, at_tile_size, needs_visium, record_tile_size
 from featurize.errors import ImportDataError
 from featurize.importers.st import import_st
 from featurize.table import read_table
@@ -204,8 +204,7 @@ def slide_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("slide")
     train = make_synthetic_table(root / "data", n=32, n_genes=4, size=48, name="train", seed=0)
     # an importer sidecar beside the table: the run records the tiles' physical size (100 um)
-    (root / "data" / "train.json").write_text(json.dumps({"table": "train.csv", "gene_names": {},
-                                                          "slides": {"S0": {"tile_um": 100.0}}}))
+    record_tile_size(root / "data" / "train.csv", 100.0)
     assert run(["embed", "--data", train, "--backbone", "timm:test_vit", "--random-init", "--quiet", "--cache-dir",
                 root / "cache", "--workers", "0"]) == 0
     for head in ("ridge", "mean"):
@@ -325,7 +324,6 @@ def test_recutting_a_slide_at_another_tile_size_never_reuses_the_earlier_tiles(t
 def test_predict_slide_with_a_two_size_stack_cuts_each_size_around_the_same_centres(slide_run, tmp_path, capsys):
     import anndata
 
-    from conftest import at_tile_size
     from featurize.wsi import open_slide
     from regress.predict import predict_table
 
