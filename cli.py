@@ -6,6 +6,7 @@ the file, row or flag at fault), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -300,10 +301,13 @@ def cmd_stack(args) -> int:
 
     runs = list(args.runs or [])
     if args.all:
-        from regress.runs import runs_for_table
+        from regress.runs import runs_for_table_checked
 
         for table in args.all:
-            found = [str(p) for p in runs_for_table(args.runs_dir, table)]
+            good, skipped = runs_for_table_checked(args.runs_dir, table)
+            for why in skipped:
+                print(f"[stack] skipped a damaged run: {why}", file=sys.stderr)
+            found = [str(p) for p in good]
             if not found:
                 raise HexpressError(f"--all {table}: no finished run under {args.runs_dir} was fitted on that table.")
             runs += found
@@ -647,13 +651,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_h5py_teardown(unraisable) -> None:
+    """After a write error (a full disk) h5py's object finalisers fail again and print tracebacks as
+    "Exception ignored"; the one error line already said what went wrong, so those are dropped."""
+    text = f"{getattr(unraisable, 'object', '')!r} {unraisable.exc_value}"
+    if "h5py" in text or "file write failed" in text or "ref count" in text:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _quiet_h5py_excepthook(kind, value, tb) -> None:
+    """Cython prints an h5py finaliser's failure through ``sys.excepthook``: dropped like the above."""
+    if kind is RuntimeError and ("file write failed" in str(value) or "ref count" in str(value)):
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sys.unraisablehook = _quiet_h5py_teardown
+    sys.excepthook = _quiet_h5py_excepthook
     try:
         return int(args.func(args) or 0)
     except HexpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "hard_exit", False):  # an HDF5 file could not be flushed (full disk): HDF5's own
+            sys.stdout.flush()  # teardown would try again and crash; what is on disk is already final
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume.", file=sys.stderr)

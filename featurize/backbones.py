@@ -140,6 +140,8 @@ def get_spec(name: str) -> BackboneSpec:
         return _REGISTRY.get(name)
     m = _VARIANT.match(name)
     if m and (m["stages"] or m["size"]):
+        if m["size"] is not None and int(m["size"]) == 0:
+            raise BackboneError(f"backbone '{name}': input size 0 px; '@SIZE' needs {MIN_INPUT}-{MAX_INPUT} px.")
         return _variant_spec(name, m["base"], bool(m["stages"]), int(m["size"]) if m["size"] else 0)
     if name.startswith("timm:"):
         return _timm_spec(name)

@@ -42,6 +42,7 @@ from featurize import __version__
 from featurize.backbones import BackboneSpec
 from featurize.digests import DIGEST_DTYPE, NO_STAT, RowPlan, content_fingerprint, file_digest, plan_rows
 from featurize.errors import CacheError
+from featurize.integrity import CHECKSUMS, H5_ERRORS, Sealed, open_h5, reseal_dataset, seal
 from featurize.weights import ResolvedWeights
 
 FORMAT_VERSION = 2
@@ -114,9 +115,13 @@ def _versions() -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def _rows_of(fh: h5py.File) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, digests, stats) of an open cache file."""
-    return fh["ids"].asstr()[()], fh["digests"][()], fh["stats"][()]
+REBUILD = "rerun embed, which replaces it"
+
+
+def _rows_of(fh: h5py.File, path: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, digests, stats) of an open cache file, each verified against its checksums."""
+    r = Sealed(fh, Path(path or fh.filename), CacheError, REBUILD)
+    return r.read("ids"), r.read("digests"), r.read("stats")
 
 
 class CacheWriter:
@@ -162,12 +167,13 @@ class CacheWriter:
                                          and fh["features"].shape == (len(self.ids), self.dim)
                                          and "done" in fh
                                          and np.array_equal(fh["ids"].asstr()[()], self.ids))
-            except (OSError, KeyError):
+                if ok:
+                    done = fh["done"][()]
+                    ids, digests, stats = fh["ids"].asstr()[()], fh["digests"][()], fh["stats"][()]
+            except H5_ERRORS:
                 ok = False
             if ok:
                 self._fh = fh
-                done = fh["done"][()]
-                ids, digests, stats = _rows_of(fh)
                 plan = plan_rows(self.ids, self.paths, ids, digests, stats, reusable=done)
                 stale = np.flatnonzero(done & (plan.source != np.arange(len(self.ids))))
                 if len(stale):  # done before the interruption, changed since: embed again
@@ -186,8 +192,9 @@ class CacheWriter:
     def _reuse(self, previous: Path, plan: RowPlan | None = None) -> None:
         """Copy the rows of a complete cache (same key) whose ID and tile content still match."""
         try:
-            with h5py.File(previous, "r") as old:
-                ids, digests, stats = _rows_of(old)
+            with open_h5(previous, CacheError, "cache file", REBUILD) as old:
+                rd = Sealed(old, previous, CacheError, REBUILD)
+                ids, digests, stats = rd.read("ids"), rd.read("digests"), rd.read("stats")
                 if plan is None:
                     plan = plan_rows(self.ids, self.paths, ids, digests, stats)
                 rows = np.flatnonzero(plan.source >= 0)
@@ -199,13 +206,17 @@ class CacheWriter:
                     uniq = src[order]
                     back = np.empty_like(order)
                     back[order] = np.arange(len(order))
-                    fh["features"][r] = old["features"][uniq][back]
-                    fh["valid"][r] = old["valid"][uniq][back]
+                    fh["features"][r] = rd.take("features", uniq)[back]
+                    fh["valid"][r] = rd.take("valid", uniq)[back]
                     fh["digests"][r] = digests[src]
                     fh["stats"][r] = np.array([plan.new_stats.get(int(j), tuple(stats[j])) for j in src], dtype=np.int64)
                     fh["done"][r] = True
-        except (OSError, KeyError):
-            return  # an unreadable previous cache simply offers nothing to reuse
+        except (CacheError, *H5_ERRORS):  # a damaged previous cache offers nothing to reuse: start over
+            for name in ("features", "valid", "digests", "stats", "done"):
+                self._fh[name][...] = {"valid": True, "stats": NO_STAT[0], "done": False}.get(name, 0)
+            self._fh.attrs["rows_done"] = 0
+            self._fh.flush()
+            return
         self.reused = int(len(rows))
         fh.attrs["rows_done"] = self.reused
         fh.flush()
@@ -233,9 +244,20 @@ class CacheWriter:
             for k, v in self._base_attrs().items():
                 fh.attrs[k] = v
             fh.flush()
-        except OSError as exc:
-            raise CacheError(f"{self.partial}: cannot create the cache file ({exc}); check free space and permissions.") from exc
+        except (OSError, RuntimeError) as exc:
+            raise CacheError(f"{self.partial}: cannot create the cache file ({_why(exc)}); {self._space_hint()}.") from exc
         return fh
+
+    def _space_hint(self) -> str:
+        import shutil
+
+        need = len(self.ids) * self.dim * (2 if self.dtype == "float16" else 4) + len(self.ids) * 200
+        try:
+            free = shutil.disk_usage(self.partial.parent).free
+        except OSError:
+            free = 0
+        return (f"the finished cache needs about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free there: "
+                "free disk space (or pass another --cache-dir) and rerun - rows already written are kept")
 
     def _base_attrs(self) -> dict[str, Any]:
         if self._attrs is not None:
@@ -297,11 +319,8 @@ class CacheWriter:
             fh["done"][rows] = True
             fh.attrs["rows_done"] = int(fh.attrs["rows_done"]) + len(rows)
             fh.flush()
-        except OSError as exc:
-            raise CacheError(
-                f"{self.partial}: write failed at row {int(rows[0])} ({exc}); free disk space and rerun - "
-                "the rows already written are kept and the run resumes there."
-            ) from exc
+        except (OSError, RuntimeError) as exc:
+            raise _hard(CacheError(f"{self.partial}: write failed at row {int(rows[0])} ({_why(exc)}); {self._space_hint()}.")) from exc
 
     def finalize(self) -> Path:
         """Mark complete (content fingerprint set) and rename into place; returns the final path."""
@@ -317,20 +336,37 @@ class CacheWriter:
             fh.attrs["rows_done"] = len(self.ids)
             fh.attrs["complete"] = True
             fh.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            seal(fh)
             fh.flush()
             fh.close()
             self._fh = None
             os.replace(self.partial, self.final)
-        except OSError as exc:
-            raise CacheError(f"{self.partial}: cannot finish the cache ({exc}); free disk space and rerun.") from exc
+        except (OSError, RuntimeError) as exc:
+            raise _hard(CacheError(f"{self.partial}: cannot finish the cache ({_why(exc)}); {self._space_hint()}.")) from exc
         return self.final
 
     def close(self) -> None:
         if self._fh is not None:
+            fh, self._fh = self._fh, None
             try:
-                self._fh.close()
-            finally:
-                self._fh = None
+                fh.close()
+            except (OSError, RuntimeError):
+                pass  # the write error that brought us here is what the user sees
+
+
+def _hard(exc: CacheError) -> CacheError:
+    """Mark an error after which HDF5 holds a file it cannot flush: the CLI exits without HDF5's teardown."""
+    exc.hard_exit = True
+    return exc
+
+
+def _why(exc: BaseException) -> str:
+    """The useful part of an HDF5 write error ("No space left on device"), not its C-level dump."""
+    text = str(exc)
+    for key in ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied"):
+        if key in text:
+            return key
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def update_stats(path: Path, new_stats: dict[int, tuple[int, int]]) -> None:
@@ -339,9 +375,10 @@ def update_stats(path: Path, new_stats: dict[int, tuple[int, int]]) -> None:
         return
     rows = np.array(sorted(new_stats))
     try:
-        with h5py.File(path, "r+") as fh:
+        with h5py.File(path, "r+", locking=False) as fh:
             fh["stats"][rows] = np.array([new_stats[int(r)] for r in rows], dtype=np.int64)
-    except OSError:
+            reseal_dataset(fh, "stats")
+    except H5_ERRORS:
         return  # read-only cache: the tiles are simply hashed again next time
 
 
@@ -363,11 +400,8 @@ class EmbeddingCache:
 def _open(path: Path) -> h5py.File:
     if not path.exists():
         raise CacheError(f"{path}: cache file not found; run `python cli.py embed` first.")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise CacheError(f"{path}: the cache file is damaged (truncated or not HDF5: {exc}); rerun embed, "
-                         "which replaces it.") from exc
+    return open_h5(path, CacheError, "cache file", REBUILD)
+
 
 
 class OldCacheFormat(CacheError):
@@ -375,6 +409,15 @@ class OldCacheFormat(CacheError):
 
 
 def _checked_attrs(fh: h5py.File, path: Path) -> dict[str, Any]:
+    try:
+        return _attrs_of(fh, path)
+    except CacheError:
+        raise
+    except H5_ERRORS as exc:
+        raise CacheError(f"{path}: the cache file is damaged (unreadable metadata: {str(exc)[:120]}); {REBUILD}.") from exc
+
+
+def _attrs_of(fh: h5py.File, path: Path) -> dict[str, Any]:
     attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
     fmt = attrs.get("hexpress_format")
     if isinstance(fmt, int) and fmt != FORMAT_VERSION and "features" in fh:
@@ -382,9 +425,30 @@ def _checked_attrs(fh: h5py.File, path: Path) -> dict[str, Any]:
                              f"{FORMAT_VERSION}); rerun embed to rebuild it.")
     if fmt != FORMAT_VERSION or "features" not in fh or "ids" not in fh:
         raise CacheError(f"{path}: not a hexpress cache (format {fmt!r}); delete it or rerun embed.")
+    sealed = Sealed(fh, path, CacheError, REBUILD)
+    sealed.check_attrs()
     attrs["n_rows"], attrs["dim"] = fh["features"].shape
     attrs["n_valid"] = int(fh["valid"][()].sum()) if "valid" in fh else attrs["n_rows"]
+    attrs["sealed"] = sealed.sealed
+    attrs.pop(CHECKSUMS, None)
+    if not isinstance(attrs.get("complete"), (bool, np.bool_)):
+        raise CacheError(f"{path}: its 'complete' attribute is damaged ({attrs.get('complete')!r}); {REBUILD}.")
+    if not path.name.endswith(".partial") and ".shard-" not in path.name and not attrs["complete"]:
+        raise CacheError(f"{path}: a finished cache file marked incomplete (damaged or edited); {REBUILD}.")
     return attrs
+
+
+_WARNED: set[str] = set()
+
+
+def warn_unsealed(path: Path, attrs: dict[str, Any]) -> None:
+    """Say once per file that a cache from before checksums is read unverified."""
+    if not attrs.get("sealed") and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        import sys
+
+        print(f"warning: {path}: written before hexpress stored checksums, so its contents cannot be verified; "
+              "rerun embed (no tile is embedded again) to add them.", file=sys.stderr)
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -401,12 +465,16 @@ def read_cache(path: str | os.PathLike, expect_ids: np.ndarray | None = None) ->
         attrs = _checked_attrs(fh, path)
         if not attrs.get("complete") or path.name.endswith(".partial"):
             raise CacheError(f"{path}: cache is incomplete ({attrs.get('rows_done')} of {attrs['n_rows']} rows); rerun embed to finish it.")
-        try:
-            ids = fh["ids"].asstr()[()]
-            feats = fh["features"][()].astype(np.float32)
-            valid = fh["valid"][()] if "valid" in fh else np.ones(len(ids), bool)
-        except (OSError, KeyError) as exc:
-            raise CacheError(f"{path}: the cache file is damaged ({exc}); rerun embed, which replaces it.") from exc
+        r = Sealed(fh, path, CacheError, REBUILD)
+        ids = r.read("ids")
+        feats = r.read("features").astype(np.float32)
+        valid = r.read("valid").astype(bool)
+        r.read("paths")  # not used by a fit, but a damaged file is refused whole
+        if not r.read("done").all():
+            raise CacheError(f"{path}: marked complete but not every row is done (damaged); {REBUILD}.")
+        if len(ids) != feats.shape[0] or len(valid) != len(ids):
+            raise CacheError(f"{path}: its datasets disagree on the number of rows (damaged); {REBUILD}.")
+    warn_unsealed(path, attrs)
     bad = np.flatnonzero(valid & ~np.isfinite(feats).all(axis=1))
     if len(bad):
         raise CacheError(f"{path}: {len(bad)} rows hold NaN or inf (first: {', '.join(ids[bad[:3]])}); rebuild it "
@@ -420,7 +488,7 @@ def plan_for(table, path: Path) -> RowPlan:
     """How the cache at ``path`` serves ``table`` row by row (computed once per table object)."""
     def compute() -> RowPlan:
         with _open(path) as fh:
-            ids, digests, stats = _rows_of(fh)
+            ids, digests, stats = _rows_of(fh, path)
         return plan_rows(table.ids, table.sources, ids, digests, stats)
 
     return table.memo(("plan", str(Path(path).resolve()), Path(path).stat().st_mtime_ns), compute)
@@ -432,7 +500,7 @@ def plan_if_complete(table, path: Path) -> RowPlan | None:
         if not Path(path).exists() or not read_attrs(path).get("complete"):
             return None
         return plan_for(table, path)
-    except (CacheError, OSError):
+    except (CacheError, *H5_ERRORS):
         return None
 
 
@@ -462,7 +530,7 @@ def list_caches(cache_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]
     """Every ``*.h5`` / ``*.h5.partial`` under ``cache_dir`` with its attrs (or the error)."""
     out: list[tuple[Path, dict[str, Any] | str]] = []
     for p in sorted(Path(cache_dir).glob("*/*.h5*")):
-        if p.name.endswith(".lock"):
+        if p.name.endswith((".lock", ".txt")):
             continue
         try:
             out.append((p, read_attrs(p)))
@@ -475,20 +543,45 @@ def list_caches(cache_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]
 
 
 def verify_cache(path: str | os.PathLike, deep: bool = False) -> list[str]:
-    """Problems found in a cache (empty list = sound).
+    """Problems found in a cache (empty list = sound): every check ``fit`` makes, and with ``deep`` the tiles.
 
     ``deep`` also re-hashes every tile the cache was built from and reports
     those whose bytes changed or that are gone.
     """
     path = Path(path)
+    if not path.is_file():
+        _open(path)  # raises: not found, or a directory
+    try:
+        return _verify(path, deep)
+    except H5_ERRORS as exc:
+        return [f"the cache file is damaged ({str(exc)[:120]}); {REBUILD}"]
+
+
+def _verify(path: Path, deep: bool) -> list[str]:
     problems: list[str] = []
-    attrs = read_attrs(path)
+    try:
+        attrs = read_attrs(path)
+    except OldCacheFormat:
+        raise
+    except CacheError as exc:
+        return [str(exc)]
     if hashlib.sha256(str(attrs.get("key_json", "")).encode()).hexdigest() != attrs.get("fingerprint"):
         problems.append("fingerprint does not match key_json (file edited or corrupt)")
     if not attrs.get("complete"):
         problems.append(f"incomplete: {attrs.get('rows_done')} of {attrs['n_rows']} rows written")
     with _open(path) as fh:
-        ids, digests, _ = _rows_of(fh)
+        r = Sealed(fh, path, CacheError, REBUILD)
+        if not r.sealed:
+            problems.append("no checksums (written before hexpress stored them): its contents cannot be verified; "
+                            "rerun embed (no tile is embedded again) to add them")
+        else:
+            problems.extend(p.replace(f"{path}: ", "").replace(f"; {REBUILD}", "") for p in r.verify_all())
+        if problems and r.sealed:
+            return problems
+        try:
+            ids, digests, _ = _rows_of(fh, path)
+        except CacheError as exc:
+            return problems + [str(exc)]
         if len(set(ids)) != len(ids):
             problems.append("duplicate IDs")
         if attrs.get("complete") and not fh["done"][()].all():
@@ -521,6 +614,31 @@ def verify_cache(path: str | os.PathLike, deep: bool = False) -> list[str]:
     return problems
 
 
+def checked_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    """``--cache-dir`` as a folder, refusing a path that is a file."""
+    d = Path(cache_dir)
+    if d.exists() and not d.is_dir():
+        raise CacheError(f"--cache-dir {d}: is a file, not a folder; pass the folder that holds the caches.")
+    for parent in d.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CacheError(f"--cache-dir {d}: {parent} is a file, not a folder; pass another --cache-dir.")
+            break
+    return d
+
+
+def require_cache_files(table_path: str | os.PathLike, backbones, cache_dir: str | os.PathLike) -> None:
+    """Refuse at once (before the table is read) when no cache file of a backbone exists for the table."""
+    if not Path(table_path).expanduser().is_file():
+        return  # reading the table says what is wrong with it
+    folder = checked_cache_dir(cache_dir) / _safe(Path(table_path).stem)
+    for b in backbones or ():
+        if not any(folder.glob(f"{_safe(b)}-*.h5")):
+            src = Path(table_path).expanduser().resolve()
+            raise CacheError(f"no cache for backbone '{b}' and table {src} under {folder}; "
+                             f"run `python cli.py embed --data {src} --backbone {b}` first.")
+
+
 def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
     """The one complete cache for ``table`` x ``backbone``, checked fresh row by row.
 
@@ -529,7 +647,7 @@ def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
     or of an older format, or when several differ (e.g. TTA 1 and 8), naming
     them so the user can pass ``--cache FILE``.
     """
-    folder = Path(cache_dir) / _safe(table.name)
+    folder = checked_cache_dir(cache_dir) / _safe(table.name)
     current, damaged, old = [], [], []
     for p in sorted(folder.glob(f"{_safe(backbone)}-*.h5")):
         if ".shard-" in p.name:  # shards of embed --shard: merged into the standard cache, never read as one

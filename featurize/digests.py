@@ -59,26 +59,32 @@ def stat_of(source: str | os.PathLike) -> tuple[int, int]:
 
 def read_with_digest(source: str | os.PathLike) -> tuple[bytes, str, tuple[int, int]]:
     """The tile's bytes, their sha256 (hex) and the stat of the file they were read from."""
+    from featurize.errors import ImageError
+    from featurize.integrity import read_regular
+
     path, offset, size = split_source(source)
-    with open(path, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if offset is None:
-            data = fh.read()
-        else:
-            fh.seek(offset)
-            data = fh.read(size)
-            if len(data) != size:
-                raise OSError(f"{path}: pack is shorter than its table says (tile at {offset}+{size})")
+    data, st = read_regular(path, ImageError, offset, size)  # regular files only, size-capped: never /dev/zero or a FIFO
+    if offset is not None and len(data) != size:
+        raise OSError(f"{path}: pack is shorter than its table says (tile at {offset}+{size})")
     return data, hashlib.sha256(data).hexdigest(), (int(st.st_size), int(st.st_mtime_ns))
 
 
 def file_digest(source: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 (hex) of a tile's bytes, streamed for plain files; empty string when it cannot be read."""
+    import stat
+
+    from featurize.errors import ImageError
+
     path, offset, _ = split_source(source)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return ""  # a FIFO, device or folder is never a tile (and /dev/zero never ends)
+    except OSError:
+        return ""
     if offset is not None:
         try:
             return read_with_digest(source)[1]
-        except OSError:
+        except (OSError, ImageError):
             return ""
     h = hashlib.sha256()
     try:

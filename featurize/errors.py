@@ -46,3 +46,7 @@ class RunError(HexpressError):
 
 class UsageError(HexpressError, ValueError):
     """A flag or parameter value is invalid (also a ValueError, as scikit-learn expects)."""
+
+
+class OutputError(HexpressError):
+    """An output file cannot be written (a full disk, a read-only folder)."""

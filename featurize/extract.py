@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import BackboneSpec, get_spec
-from featurize.cache import CacheKey, CacheWriter, cache_path, lock_path, plan_if_complete, update_stats
+from featurize.cache import (CacheKey, CacheWriter, cache_path, checked_cache_dir, lock_path, plan_if_complete, read_attrs, update_stats,
+                             verify_cache)
 from featurize.device import resolve_device
 from featurize.digests import NO_STAT, read_with_digest, split_source
 from featurize.errors import CacheError, ImageError, UsageError
@@ -62,6 +63,8 @@ class TileDataset:
         path = self.paths[i]
         try:
             data, digest, st = read_with_digest(path)
+        except ImageError as exc:  # not a regular file, or over the size cap
+            return i, None, str(exc), UNREADABLE, NO_STAT, None
         except OSError:
             try:
                 load_rgb(split_source(path)[0])  # raises the precise error: missing file, directory, ...
@@ -254,6 +257,10 @@ def embed(
         raise UsageError(f"--dtype must be float16 or float32, got {dtype}.")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1.")
+    if num_workers is not None and num_workers < 0:
+        raise UsageError(f"--workers {num_workers}: the number of decoding processes must be 0 (decode in this "
+                         "process) or more.")
+    checked_cache_dir(cache_dir)
     t_call = time.perf_counter()
     full = data if isinstance(data, TileTable) else read_table(data)
     dev = resolve_device(device)
@@ -287,13 +294,23 @@ def embed(
             previous[job.spec.name] = None
             if job.final.exists():
                 plan = plan_if_complete(table, job.final)
-                if plan is not None and plan.identical():
+                sealed = plan is not None and read_attrs(job.final).get("sealed")
+                problems = verify_cache(job.final) if plan is not None and sealed else []
+                if problems:  # every checksum is read before "up to date": a damaged file is rebuilt
+                    plan = None
+                if plan is not None and plan.identical() and sealed:
                     update_stats(job.final, plan.new_stats)
                     print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
                     continue
                 if plan is not None:  # its rows are reused, from this plan (tiles are not hashed twice)
                     previous[job.spec.name] = (job.final, plan)
+                    if not sealed:
+                        print(f"[embed] {job.spec.name}: {job.final.name} has no checksums (an older hexpress): "
+                              "copying its rows into a checksummed file", file=sys.stderr)
                 else:
+                    problem = (problems or verify_cache(job.final) or ["unreadable"])[0]
+                    print(f"[embed] {job.spec.name}: {job.final.name} is damaged ({problem}); rebuilding it",
+                          file=sys.stderr)
                     job.final.unlink()
             elif shard is not None:  # a shard reuses the rows of an existing standard cache
                 whole = cache_path(cache_dir, job.key)
@@ -429,10 +446,7 @@ def _merge_if_last(final: Path, table: TileTable, wait_s: float) -> Path | None:
     if not ready_to_merge(final):
         return None
     try:
-        with file_lock(lock_path(final), wait_s):
-            if final.exists():
-                return final
-            path = merge_shards(final, table)
+        path = merge_shards(final, table, wait_s=wait_s, unless_done=True)
     except CacheError as exc:
         if "another hexpress process" in str(exc):
             return None  # another shard's process is merging right now

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -56,12 +57,10 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     """
     p = Path(path)
     if data is None:
-        if p.is_dir():
-            raise ImageError(f"{p}: is a directory, expected an image file; fix the path in the tile table.")
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise ImageError(f"{p}: cannot be read ({exc.strerror}); check that the file exists.") from exc
+        from featurize.integrity import check_size, regular_size
+
+        size = regular_size(p, ImageError)  # a folder, FIFO or device is refused, never opened
+        check_size(p, size, ImageError)
     else:
         size = len(data)
     if size == 0:
@@ -75,4 +74,5 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{p}: cannot be decoded as an image ({exc}); re-export it or use --skip-bad.") from exc
+        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "its bytes", str(exc))  # name the file, not a buffer
+        raise ImageError(f"{p}: cannot be decoded as an image ({why}); re-export it or use --skip-bad.") from exc

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from featurize.atomic import atomic_path
-from featurize.errors import TableError, UsageError
+from featurize.integrity import read_regular
+from featurize.errors import ImageError, TableError, UsageError
 from featurize.table import read_table, write_csv_atomic
 
 
@@ -58,7 +59,7 @@ def pack_table(data: str | os.PathLike, out_dir: str | os.PathLike, tiles_per_pa
         with atomic_path(out / name) as tmp:
             with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
                 for i in range(start, min(start + tiles_per_pack, len(table))):
-                    data_bytes = Path(table.paths[i]).read_bytes()
+                    data_bytes = read_regular(table.paths[i], ImageError)[0]
                     member = f"{keys[i]}{Path(table.paths[i]).suffix.lower() or '.img'}"
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(data_bytes), 0, 0o644

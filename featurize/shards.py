@@ -25,10 +25,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from featurize.cache import CacheWriter, partial_path
+from featurize.cache import CacheWriter, lock_path, partial_path
+from featurize.integrity import CHECKSUMS, H5_ERRORS, Sealed, open_h5
+from featurize.faults import point as fault
+from featurize.lock import file_lock
 from featurize.errors import CacheError, UsageError
 
 _SHARD = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
@@ -84,13 +86,22 @@ def ready_to_merge(final: Path) -> bool:
     return all((i, n) in files and not partial_path(files[(i, n)]).exists() for i in range(n))
 
 
-def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
-    """Check the shards of ``final`` and write ``final`` from them (see the module docstring).
+def merge_shards(final: Path, table=None, keep_shards: bool = False, wait_s: float = 0.0,
+                 unless_done: bool = False) -> Path:
+    """Check the shards of ``final`` and write ``final`` from them (see the module docstring), under the
+    cache's lock, so a merge never races ``embed`` or another merge on the same partial file.
 
     The shard files are deleted once the merged file is complete (they would double the storage),
-    unless ``keep_shards``.
+    unless ``keep_shards``.  ``unless_done``: return an existing ``final`` as it is (the last shard's embed).
     """
     final = Path(final)
+    with file_lock(lock_path(final), wait_s):
+        if unless_done and final.exists():
+            return final
+        return _merge(final, table, keep_shards)
+
+
+def _merge(final: Path, table, keep_shards: bool) -> Path:
     files = shard_files(final)
     if not files:
         raise CacheError(f"{final}: no shard files ({final.stem}.shard-*-of-*.h5) to merge; run embed --shard I/N first.")
@@ -109,18 +120,21 @@ def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
     dim = None
     for i in range(n):
         p = files[(i, n)]
+        hint = f"delete it and rerun `embed --shard {i}/{n}`"
         try:
-            with h5py.File(p, "r") as fh:
-                a = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items()}
-                bad = sum(int((~np.isfinite(fh["features"][s:s + 4096])).any(axis=1).sum())
+            with open_h5(p, CacheError, "shard", hint) as fh:
+                r = Sealed(fh, p, CacheError, hint)
+                r.check_attrs()
+                a = {k: (v.item() if hasattr(v, "item") else v) for k, v in fh.attrs.items() if k != CHECKSUMS}
+                bad = sum(int((~np.isfinite(r.rows("features", s, s + 4096))).any(axis=1).sum())
                           for s in range(0, fh["features"].shape[0], 4096))
-                ids.extend(fh["ids"].asstr()[()])
-                paths.extend(fh["paths"].asstr()[()])
-                digests.extend(d.decode() for d in fh["digests"][()])
-                stats.append(fh["stats"][()])
+                ids.extend(r.read("ids"))
+                paths.extend(r.read("paths"))
+                digests.extend(d.decode() for d in r.read("digests"))
+                stats.append(r.read("stats"))
                 dim = fh["features"].shape[1]
-        except (OSError, KeyError) as exc:
-            raise CacheError(f"{p}: damaged shard ({exc}); delete it and rerun `embed --shard {i}/{n}`.") from exc
+        except H5_ERRORS as exc:
+            raise CacheError(f"{p}: damaged shard ({exc}); {hint}.") from exc
         if not a.get("complete"):
             raise CacheError(f"{p}: shard is incomplete; rerun `embed --shard {i}/{n}` to finish it.")
         if bad:
@@ -145,12 +159,14 @@ def merge_shards(final: Path, table=None, keep_shards: bool = False) -> Path:
     try:
         start = 0
         for p, _ in metas:
-            with h5py.File(p, "r") as fh:
+            with open_h5(p, CacheError, "shard", "rerun its embed --shard") as fh:
+                r = Sealed(fh, p, CacheError, "rerun its embed --shard")
                 rows = fh["features"].shape[0]
                 for s in range(0, rows, 4096):
                     e = min(s + 4096, rows)
-                    writer.write(np.arange(start + s, start + e), fh["features"][s:e], fh["valid"][s:e],
+                    writer.write(np.arange(start + s, start + e), r.rows("features", s, e), r.rows("valid", s, e),
                                  digests[start + s:start + e], stats_all[start + s:start + e])
+                    fault("merge-mid")
             start += rows
         out = writer.finalize()
     finally:

@@ -114,11 +114,31 @@ def _read_frame(path: Path, meta_only: bool = False) -> pd.DataFrame:
         else:
             usecols = (lambda c: c in META_COLUMNS or c in GROUP_CANDIDATES) if meta_only else None
             df = pd.read_csv(path, dtype={"ID": str, "path": str}, low_memory=False, usecols=usecols)
+        if suffix not in (".parquet", ".pq"):
+            _refuse_duplicate_header(path)
     except pd.errors.EmptyDataError as exc:
         raise TableError(f"{path}: the table is empty; it needs a header with ID and path columns.") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
         raise TableError(f"{path}: cannot be parsed as {'Parquet' if suffix in ('.parquet', '.pq') else 'CSV'} ({exc}).") from exc
+    dup = pd.Index(df.columns).duplicated()
+    if dup.any():
+        raise TableError(f"{path}: column '{df.columns[int(np.flatnonzero(dup)[0])]}' appears twice in the header; "
+                         "every column (gene) needs a unique name.")
     return df
+
+
+def _refuse_duplicate_header(path: Path) -> None:
+    """pandas renames a repeated CSV header ('A', 'A.1'): refuse it instead, naming the column."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh), [])
+    seen: set[str] = set()
+    for col in header:
+        if col in seen:
+            raise TableError(f"{path}: column '{col}' appears twice in the header; every column (gene) needs a "
+                             "unique name (pandas would silently rename the second one).")
+        seen.add(col)
 
 
 def read_table(
@@ -184,7 +204,12 @@ def read_table(
 
     xy = None
     if "x" in df.columns and "y" in df.columns:
-        xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+        xy = df[["x", "y"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.isnan(xy) & df[["x", "y"]].notna().to_numpy()
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise TableError(f"{path}: column '{'xy'[c]}' row {r + 2} (ID {ids[r]}) holds text "
+                             f"'{df[['x', 'y']].iat[r, c]}'; x and y are tile centres in pixels (numbers).")
     slide_col = next((c for c in ("slide", "section") if c in df.columns), None)
     slides = df[slide_col].astype(str).to_numpy() if slide_col else None
 
@@ -213,6 +238,12 @@ def read_table(
 def _gene_matrix(path: Path, df: pd.DataFrame, gene_cols: list, ids: np.ndarray) -> np.ndarray:
     """Gene columns as float32, refusing text, NaN and inf with the cell named."""
     block = df[gene_cols]
+    for c in gene_cols:
+        kind = block[c].dtype.kind
+        if kind in "bMmcV" or isinstance(block[c].dtype, pd.CategoricalDtype):
+            what = {"b": "true/false", "M": "dates", "m": "durations", "c": "complex numbers"}.get(kind, str(block[c].dtype))
+            raise TableError(f"{path}: column '{c}' holds {what}, not gene values; drop it from the table or rename it "
+                             f"to one of the metadata columns ({', '.join(META_COLUMNS)}).")
     numeric = block.apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna() & block.notna()
     if bad.to_numpy().any():
@@ -229,6 +260,11 @@ def _gene_matrix(path: Path, df: pd.DataFrame, gene_cols: list, ids: np.ndarray)
             f"{path}: gene column '{gene_cols[c]}' row {r + 2} (ID {ids[r]}) is {Y[r, c]}; "
             "targets must be finite numbers (fill or drop that row)."
         )
+    big = np.abs(Y) > np.finfo(np.float32).max
+    if big.any():
+        r, c = np.argwhere(big)[0]
+        raise TableError(f"{path}: gene column '{gene_cols[c]}' row {r + 2} (ID {ids[r]}) is {Y[r, c]:g}, beyond what "
+                         "float32 holds (3.4e38); hexpress fits float32 targets: rescale or log-transform that gene.")
     return Y.astype(np.float32)
 
 

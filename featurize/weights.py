@@ -12,7 +12,6 @@ The sha256 of the weight file goes into the cache fingerprint.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from featurize.backbones import BackboneSpec
 from featurize.errors import WeightsError
+from featurize.integrity import file_sha256 as sha256_file  # noqa: F401 - one streamed file hash
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_vision.bin")
@@ -39,15 +39,6 @@ class ResolvedWeights:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "path": self.path, "sha256": self.sha256, "random_init": self.random_init}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pypi_weight_file(module: str) -> Path | None:

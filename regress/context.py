@@ -36,6 +36,10 @@ def neighbour_mean(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray | No
     """Per row, the mean of ``X`` over its ``k`` nearest other rows of the same slide (itself when alone)."""
     if xy is None:
         raise TableError(f"{source}: {flag} needs x and y columns (tile centres) in the tile table.")
+    bad = ~np.isfinite(np.asarray(xy, dtype=np.float64)).all(axis=1)
+    if bad.any():
+        raise TableError(f"{source}: {flag} needs every tile's x and y, but row {int(np.flatnonzero(bad)[0]) + 2} "
+                         f"(and {int(bad.sum()) - 1} more) has none (empty or NaN); fill them or drop those rows.")
     slides = np.zeros(len(X), dtype=int) if slides is None else np.asarray(slides)
     out = np.empty_like(X)
     for s in np.unique(slides):

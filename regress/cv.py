@@ -23,6 +23,8 @@ def make_splits(n: int, cv: Any, groups=None, seed: int = 0) -> list[tuple[np.nd
         return [(np.asarray(a), np.asarray(b)) for a, b in cv]
     if n < 2:
         raise UsageError(f"cross-validation needs at least 2 samples, got n_samples = {n}.")
+    if cv < 2:
+        raise UsageError(f"--folds {cv}: cross-validation needs at least 2 folds.")
     if groups is not None:
         groups = np.asarray(groups)
         n_groups = len(np.unique(groups))

@@ -35,6 +35,16 @@ def run_name(td: TrainingData, head: str, context: int) -> str:
     return f"{td.table.name}-{bb}-{head}{ctx}".replace(":", "_").replace("/", "_")
 
 
+def check_fit_settings(folds, context: int, smooth: int) -> None:
+    """Refuse fold counts and neighbour counts that cannot mean anything (before any table is read)."""
+    if isinstance(folds, (int, np.integer)) and not isinstance(folds, bool) and folds < 2:
+        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds.")
+    if not isinstance(context, (int, np.integer)) or context < 0:
+        raise UsageError(f"--context {context}: the number of neighbours must be 0 (none) or more.")
+    if not isinstance(smooth, (int, np.integer)) or smooth < 0:
+        raise UsageError(f"--smooth {smooth}: the number of neighbours must be 0 (none) or more.")
+
+
 def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="cache", runs_dir="runs",
             cache_files: Sequence[str] | None = None, folds: int = 5, group_col: str | None = None,
             use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
@@ -52,6 +62,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     by nested CV (:mod:`regress.post`).  ``nested`` keeps each outer fold's inner out-of-fold predictions in
     the run (the head refitted on every inner fold), which ``stack --method cross-gene`` learns from.
     """
+    check_fit_settings(folds, context, smooth)
     if smooth and stream:
         raise UsageError("--smooth needs the predictions in memory; drop --stream.")
     if center_slides and stream:
@@ -222,7 +233,7 @@ def _too_big(data) -> bool:
 def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_files, folds, group_col, use_groups,
                        seed, device, name, command, log, context, head_params, overwrite) -> RunResult:
     """fit_run from disk: the targets' columnar file and the caches, a block of rows at a time."""
-    from featurize.cache import find_cache, read_attrs
+    from featurize.cache import find_cache, read_attrs, require_cache_files
     from featurize.table import read_table
     from regress.stream import fit_streaming, targets_store
 
@@ -230,6 +241,8 @@ def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_file
         raise UsageError("--stream does not compute --context features; fit with --context in memory.")
     if not backbones and not cache_files:
         raise UsageError("name the features to fit on: --backbone NAME (repeatable) or --cache FILE.")
+    if not cache_files:
+        require_cache_files(data, backbones, cache_dir)
     table = read_table(data, group_col=group_col, check_files=False, meta_only=True)
     caches = [Path(c) for c in cache_files] if cache_files else [find_cache(table, b, cache_dir) for b in backbones]
     infos = [cache_info(c, read_attrs(c)) for c in caches]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,35 @@ def save_model(est, folder: str | os.PathLike, stem: str = "model") -> list[str]
     return [f"{stem}.json", f"{stem}.npz"]
 
 
+def _check_attr(doc_path: Path, cls, name: str) -> None:
+    """A restored attribute is a fitted one (scikit-learn's trailing ``_``, or private), never a method or property."""
+    if not isinstance(name, str) or not name or not (name.endswith("_") or name.startswith("_")) or \
+            name.startswith("__") or callable(getattr(cls, name, None)) or isinstance(getattr(cls, name, None), property):
+        raise RunError(f"{doc_path}: state '{name}' is not a fitted attribute of {cls.__name__} (it would shadow a "
+                       "method or setting: damaged or crafted file); refit.")
+
+
+def _checked_doc(doc_path: Path, doc) -> tuple[type, dict[str, Any]]:
+    """The class and the validated description of a stored estimator (one schema for every reader)."""
+    if not isinstance(doc, dict):
+        raise RunError(f"{doc_path}: is not a model description (a JSON object); refit.")
+    for key, typ in (("class", str), ("params", dict), ("state", dict), ("arrays", list)):
+        if not isinstance(doc.get(key), typ):
+            raise RunError(f"{doc_path}: '{key}' is missing or not a {typ.__name__} (damaged or edited); refit.")
+    cls_name = doc["class"]
+    if cls_name not in SAFE:
+        raise RunError(f"{doc_path}: class {cls_name!r} is not one hexpress restores; refit with this version.")
+    cls = getattr(importlib.import_module(SAFE[cls_name]), cls_name)
+    known = set(cls().get_params(deep=False))
+    unknown = [k for k in doc["params"] if k not in known]
+    if unknown:
+        raise RunError(f"{doc_path}: parameter '{unknown[0]}' is not one of {cls_name}'s ({', '.join(sorted(known))}); "
+                       "refit.")
+    for k in doc["state"]:
+        _check_attr(doc_path, cls, k)
+    return cls, doc
+
+
 def load_model(folder: str | os.PathLike, stem: str = "model", trust_pickle: bool = False):
     """Rebuild the estimator saved by :func:`save_model` (pickles only with ``trust_pickle``)."""
     folder = Path(folder)
@@ -96,27 +126,35 @@ def load_model(folder: str | os.PathLike, stem: str = "model", trust_pickle: boo
     if doc_path.is_file():
         try:
             doc = json.loads(doc_path.read_text())
-            cls_name = doc["class"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise RunError(f"{doc_path}: unreadable model description ({exc}); refit.") from exc
-        if cls_name not in SAFE:
-            raise RunError(f"{doc_path}: class {cls_name!r} is not one hexpress restores; refit with this version.")
-        cls = getattr(importlib.import_module(SAFE[cls_name]), cls_name)
-        est = cls(**{k: _from_json(v) for k, v in doc["params"].items()})
+        cls, doc = _checked_doc(doc_path, doc)
         try:
-            with np.load(folder / f"{stem}.npz", allow_pickle=False) as z:
+            est = cls(**{k: _from_json(v) for k, v in doc["params"].items()})
+        except (TypeError, ValueError) as exc:
+            raise RunError(f"{doc_path}: its parameters do not fit {cls.__name__} ({exc}); refit.") from exc
+        npz = folder / f"{stem}.npz"
+        try:
+            with np.load(npz, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{folder / (stem + '.npz')}: unreadable model arrays ({exc}); refit.") from exc
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise RunError(f"{npz}: unreadable model arrays ({exc}); refit.") from exc
+        if sorted(arrays) != sorted(doc["arrays"]):
+            raise RunError(f"{npz}: holds other arrays than {doc_path.name} lists (damaged or mixed files); refit.")
         for k, v in doc["state"].items():
             if isinstance(v, dict) and "__torch_state__" in v:
                 import torch
 
-                setattr(est, k, {name: torch.from_numpy(arrays[f"t:{k}:{name}"]) for name in v["__torch_state__"]})
+                names = v["__torch_state__"]
+                missing = [n for n in names if f"t:{k}:{n}" not in arrays] if isinstance(names, list) else [k]
+                if missing:
+                    raise RunError(f"{npz}: lacks the weights '{missing[0]}' that {doc_path.name} lists; refit.")
+                setattr(est, k, {name: torch.from_numpy(arrays[f"t:{k}:{name}"]) for name in names})
             else:
                 setattr(est, k, _from_json(v))
         for key, arr in arrays.items():
             if key.startswith("a:"):
+                _check_attr(doc_path, cls, key[2:])
                 setattr(est, key[2:], arr)
         return est
     if pkl.is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import RunError
-from regress.runs import RunData, load_run, open_result
+from regress.runs import RunData, open_result
 
 
 def _plt():
@@ -20,15 +20,20 @@ def _plt():
     return plt
 
 
-def _member_rows(info: dict) -> list[str]:
+def _member_rows(res) -> list[str]:
     """A stack's runs as a Markdown table: folder, tile table, tile size, head, PCC/gene by fold."""
+    from regress.stack import stack_members
+
+    info = res.info
     score = {str(Path(row["run"]).resolve()): row.get("pcc_gene_by_fold") for row in info.get("summary", [])}
     rows = ["| run | table | tile um | head | PCC/gene by fold |", "|---|---|---|---|---|"]
-    for p in info.get("runs", []):
-        try:
-            r = load_run(p).info
-        except RunError:  # moved since: the stack still holds its predictions, only the details are gone
+    for p, run, problem in stack_members(res):
+        if run is None:  # moved since: the stack still holds its predictions, only the details are gone
             rows.append(f"| `{Path(p).name}` | (moved) | | | |")
+            continue
+        r = run.info
+        if problem is not None:  # refitted since: the stack's predictions no longer match this run
+            rows.append(f"| `{Path(p).name}` | **refitted since the stack was made: rerun stack** | | | |")
             continue
         size = f"{r['tile_um']:.0f}" if r.get("tile_um") else ""
         got = score.get(str(Path(p).resolve()))
@@ -76,7 +81,7 @@ def write_report(path: str | os.PathLike, gene: str | None = None, slide: str | 
         if k in metrics:
             lines.append(f"| {k} | {metrics[k]:.4f} |")
     if res.kind == "stack":
-        lines += ["", f"Stack (`{info.get('method')}`) of {len(info.get('runs', []))} runs:", ""] + _member_rows(info)
+        lines += ["", f"Stack (`{info.get('method')}`) of {len(info.get('runs', []))} runs:", ""] + _member_rows(res)
     else:
         lines += ["", f"Table: `{info['table']['path']}`; head: `{info.get('head', {}).get('name')}`; backbones: "
                       f"{', '.join(b['backbone'] for b in info.get('backbones', []))}"]

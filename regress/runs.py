@@ -31,7 +31,17 @@ Stack folder (``kind: stack``): the same with ``stack.json`` in place of
 A folder is written under a temporary name and renamed when complete, so a
 folder with the final name is always finished.  Writing over a folder whose
 identity differs (other folds, seed, head parameters, table, caches) is
-refused unless ``overwrite``: the message says what differs.
+refused unless ``overwrite``: the message says what differs.  The identity
+check and the swap happen under one lock on the run name (``.<name>.lock``
+beside it), so two fits of one name never silently replace each other; the
+leftovers of a killed writer (``.<name>.tmp-PID``, ``.<name>.old-PID``) are
+recovered or removed by the next writer or reader.
+
+Integrity: ``run.json`` / ``stack.json`` holds ``files`` (size and sha256 of
+every other file of the folder) and ``info_sha256`` (of itself without that
+field), and is validated against :data:`SCHEMA` on read; each file is
+checked against the manifest when it is read.  Folders written before the
+manifest existed are read with a warning.
 """
 from __future__ import annotations
 
@@ -46,7 +56,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featurize.errors import RunError
+from featurize.errors import CacheError, RunError
+from featurize.faults import point as fault
+from featurize.integrity import H5_ERRORS, file_sha256, open_h5
+from featurize.lock import file_lock
 from regress.persist import load_model, save_model
 
 RUN_FORMAT = 2
@@ -130,29 +143,43 @@ def read_run_data(folder: str | os.PathLike) -> RunData:
     """The arrays of a run's or a stack's ``oof.h5``."""
     path = Path(folder) / "oof.h5"
     try:
-        with h5py.File(path, "r") as fh:
+        with open_h5(path, RunError, "run's oof.h5", "refit") as fh:
             opt = lambda k, s=False: (fh[k].asstr()[()] if s else fh[k][()]) if k in fh else None  # noqa: E731
-            return RunData(fh["ids"].asstr()[()], list(fh["genes"].asstr()[()]), fh["oof"][()], fh["fold"][()],
-                           fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True))
-    except (OSError, KeyError) as exc:
+            d = RunData(fh["ids"].asstr()[()], list(fh["genes"].asstr()[()]), fh["oof"][()], fh["fold"][()],
+                        fh["y"][()], opt("groups", True), opt("xy"), opt("slides", True))
+    except H5_ERRORS as exc:
         raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
+    n, g = len(d.ids), len(d.genes)
+    shapes = {"oof": (d.oof, (n, g)), "y": (d.y, (n, g)), "fold": (d.fold, (n,)), "xy": (d.xy, (n, 2)),
+              "groups": (d.groups, (n,)), "slides": (d.slides, (n,))}
+    for k, (a, want) in shapes.items():
+        if a is not None and tuple(np.shape(a)) != want:
+            raise RunError(f"{path}: '{k}' has shape {tuple(np.shape(a))}, not {want} (damaged); refit.")
+    for k in ("oof", "y"):
+        a = getattr(d, k)
+        if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0] if np.issubdtype(a.dtype, np.floating) else (0, 0)
+            raise RunError(f"{path}: '{k}' holds NaN or inf (row {int(bad[0])}, gene {d.genes[int(bad[1])]}) or is not "
+                           "numeric: the file is damaged; refit.")
+    return d
 
 
 def read_inner_predictions(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
     """(inner_oof, inner_fold) of a run fitted with ``--nested``, else None; reads only those two datasets."""
     path = Path(folder) / "oof.h5"
     try:
-        with h5py.File(path, "r") as fh:
+        with open_h5(path, RunError, "run's oof.h5", "refit") as fh:
             return (fh["inner_oof"][()], fh["inner_fold"][()]) if "inner_oof" in fh else None
-    except (OSError, KeyError) as exc:
+    except H5_ERRORS as exc:
         raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
 
 
 def refuse_other_identity(final: Path, identity_fields: dict[str, Any], overwrite: bool = False) -> None:
-    """Raise when ``final`` holds a result whose identity differs (unless ``overwrite``); call before fitting."""
+    """Raise when ``final`` holds a result whose identity differs (unless ``overwrite``); call before fitting
+    (to fail fast) - :func:`write_run` checks again under the name's lock before it swaps."""
     if overwrite or not Path(final).exists():
         return
-    old = _read_info(Path(final))
+    old = _read_info(Path(final), quiet=True)
     if old is not None and old.get("identity") != identity_of(identity_fields):
         raise RunError(f"{final}: already holds a {old.get('kind', 'run')} with other settings "
                        f"({identity_diff(old.get('identity_fields', {}), identity_fields)}); "
@@ -165,48 +192,195 @@ def write_run(final: Path, info: dict[str, Any], metrics: dict[str, Any], data, 
 
     ``extras``: further fitted estimators by file stem (``cross_gene``), stored like the model."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise RunError(f"{final.parent}: is a file, not a folder for runs; pass another --runs-dir/--out.") from exc
     refuse_other_identity(final, info.get("identity_fields", {}), overwrite)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        files = save_model(model, tmp, "model")
-        for stem, est in (extras or {}).items():
-            files += save_model(est, tmp, stem)
-        info = {**info, "kind": kind, "model_files": files}
-        (tmp / INFO_FILES[kind]).write_text(json.dumps(info, indent=2, default=jsonable))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=jsonable))
-        import pandas as pd
+        try:
+            files = save_model(model, tmp, "model")
+            for stem, est in (extras or {}).items():
+                files += save_model(est, tmp, stem)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=jsonable))
+            import pandas as pd
 
-        pd.DataFrame(metrics["per_gene"]).to_csv(tmp / "per_gene.csv", index=False)
-        if callable(data):  # a streamed fit writes oof.h5 chunk by chunk, same layout
-            data(tmp / "oof.h5")
-        else:
-            _write_data(tmp / "oof.h5", data)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            pd.DataFrame(metrics["per_gene"]).to_csv(tmp / "per_gene.csv", index=False)
+            if callable(data):  # a streamed fit writes oof.h5 chunk by chunk, same layout
+                data(tmp / "oof.h5")
+            else:
+                _write_data(tmp / "oof.h5", data)
+            info = {**info, "kind": kind, "model_files": files, "files": manifest(tmp)}
+            info["info_sha256"] = _info_digest(info)
+            (tmp / INFO_FILES[kind]).write_text(json.dumps(info, indent=2, default=jsonable))
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "write failed" not in str(exc):
+                raise
+            err = RunError(f"{final}: cannot write the {kind} ({getattr(exc, 'strerror', None) or str(exc)[:120]}; "
+                           f"its files took {_folder_bytes(tmp) / 2**20:.1f} MiB before the write failed); free disk "
+                           "space and rerun - nothing was replaced.")
+            err.hard_exit = isinstance(exc, RuntimeError)  # HDF5 holds a file it cannot flush
+            raise err from exc
+        fault("run-before-swap")
+        with file_lock(name_lock(final), wait_s=120):
+            recover(final, locked=True)
+            refuse_other_identity(final, info.get("identity_fields", {}), overwrite)  # again: another writer may have won
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            fault("run-between-renames")
+            os.replace(tmp, final)
+            fault("run-after-swap")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    except CacheError as exc:  # the name's lock: another writer held it too long
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"{final}: another hexpress process is writing this {kind} name; wait for it, or use another "
+                       f"--name/--out ({exc}).") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def _read_info(path: Path) -> dict[str, Any] | None:
+def name_lock(final: Path) -> Path:
+    return final.with_name(f".{final.name}.lock")
+
+
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file directly in ``folder`` (the run's info file excepted)."""
+    return {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name not in INFO_FILES.values()}
+
+
+def _info_digest(info: dict[str, Any]) -> str:
+    body = {k: v for k, v in info.items() if k not in ("info_sha256", "kind")}
+    body = json.loads(json.dumps(body, default=jsonable))  # as it reads back (tuples, numpy scalars, int keys)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(final: Path, kind: str) -> list[tuple[Path, int]]:
+    out = []
+    for p in final.parent.glob(f".{final.name}.{kind}-*"):
+        try:
+            out.append((p, int(p.name.rsplit("-", 1)[1])))
+        except ValueError:
+            continue
+    return out
+
+
+def recover(final: Path, locked: bool = False) -> None:
+    """Clean up after killed writers of ``final``: remove their temporary folders, and when a kill fell between
+    the two renames (no ``final``, a finished ``.tmp-PID`` and/or the previous ``.old-PID``), put the newest
+    finished folder back under the final name."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    dead_tmp = [(p, pid) for p, pid in _leftovers(final, "tmp") if not _pid_alive(pid)]
+    dead_old = [(p, pid) for p, pid in _leftovers(final, "old") if not _pid_alive(pid)]
+    if not dead_tmp and not dead_old:
+        return
+    if not locked:
+        try:
+            with file_lock(name_lock(final), wait_s=30):
+                return recover(final, locked=True)
+        except CacheError:
+            return  # a writer holds the name: it recovers
+    if not final.exists():
+        for p, _ in dead_tmp + dead_old:  # a finished tmp is newer than the old folder it was replacing
+            if _finished(p):
+                os.replace(p, final)
+                break
+    for p, _ in dead_tmp + dead_old:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _finished(folder: Path) -> bool:
+    info = _read_info(folder, quiet=True)
+    return bool(info) and info.get("info_sha256") == _info_digest(info) and all(
+        (folder / f).is_file() and (folder / f).stat().st_size == m.get("size")
+        for f, m in (info.get("files") or {}).items())
+
+
+def _read_info(path: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """The folder's run.json / stack.json; None when it has neither.  A damaged one raises :class:`RunError`
+    (``quiet``: returns ``{"kind": ...}`` instead, for the identity pre-check)."""
     for kind, name in INFO_FILES.items():
         f = path / name
         if f.is_file():
             try:
-                return {"kind": kind, **json.loads(f.read_text())}
-            except (OSError, json.JSONDecodeError):
-                return {"kind": kind}
+                doc = json.loads(f.read_text())
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                if quiet:
+                    return {"kind": kind}
+                raise RunError(f"{f}: is not valid JSON ({str(exc)[:100]}): the file is damaged; refit "
+                               "(or restore the folder).") from exc
+            return {**doc, "kind": kind}
     return None
+
+
+#: Required keys of run.json / stack.json and their types (the run folder contract, checked on every read).
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "common": {"format": int, "identity": str, "identity_fields": dict, "genes": list, "table": dict,
+               "backbones": list, "model_files": list},
+    "run": {"head": dict, "folds": dict},
+    "stack": {"runs": list, "method": str},
+}
+
+
+def validate_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse an info file with missing keys or wrong types, naming the key (one schema for every reader)."""
+    f = path / INFO_FILES[info["kind"]]
+    want = {**SCHEMA["common"], **SCHEMA[info["kind"]]}
+    for key, typ in want.items():
+        if key not in info:
+            raise RunError(f"{f}: has no '{key}' (damaged, or not written by hexpress); refit.")
+        if not isinstance(info[key], typ) or (typ is int and isinstance(info[key], bool)):
+            raise RunError(f"{f}: '{key}' is {type(info[key]).__name__} {str(info[key])[:40]!r}, not "
+                           f"{getattr(typ, '__name__', typ)} (damaged or edited); refit.")
+    if not all(isinstance(g, str) for g in info["genes"]) or not info["genes"]:
+        raise RunError(f"{f}: 'genes' must be a non-empty list of gene names (damaged or edited); refit.")
+    if not isinstance(info["table"].get("path"), str):
+        raise RunError(f"{f}: 'table.path' is missing or not text (damaged or edited); refit.")
+    if not all(isinstance(b, dict) for b in info["backbones"]) or not all(isinstance(m, str) for m in info["model_files"]):
+        raise RunError(f"{f}: 'backbones' or 'model_files' has entries of the wrong type (damaged or edited); refit.")
+    if info["kind"] == "run" and not isinstance(info["head"].get("name"), str):
+        raise RunError(f"{f}: 'head.name' is missing or not text (damaged or edited); refit.")
+    if info["kind"] == "stack" and not all(isinstance(r, str) for r in info["runs"]):
+        raise RunError(f"{f}: 'runs' must list run folders (damaged or edited); refit the stack.")
+    files = info.get("files")
+    if files is not None and (not isinstance(files, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("sha256"), str) and isinstance(m.get("size"), int)
+            for m in files.values())):
+        raise RunError(f"{f}: 'files' is not a manifest of sizes and sha256 (damaged or edited); refit.")
+
+
+_UNSEALED: set[str] = set()
 
 
 @dataclass
@@ -225,20 +399,59 @@ class Run:
     def genes(self) -> list[str]:
         return list(self.info["genes"])
 
+    @property
+    def content(self) -> str | None:
+        """sha256 of the folder's file manifest: what a stack records of each member (None before manifests)."""
+        files = self.info.get("files")
+        return None if files is None else hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+    def check_file(self, name: str) -> None:
+        """Refuse a file of the folder whose size or sha256 differs from the manifest (damaged or replaced)."""
+        files = self.info.get("files")
+        if files is None:
+            return
+        f = self.path / name
+        m = files.get(name)
+        if m is None:
+            if f.exists():
+                raise RunError(f"{f}: is not in {INFO_FILES[self.kind]}'s manifest (added after the {self.kind} was "
+                               "written); remove it or refit.")
+            return
+        if not f.is_file():
+            raise RunError(f"{f}: is missing from the {self.kind} folder; refit (or restore the folder).")
+        if f.stat().st_size != m["size"] or file_sha256(f) != m["sha256"]:
+            raise RunError(f"{f}: does not match the checksum in {INFO_FILES[self.kind]} (damaged or replaced since "
+                           "it was written); refit (or restore the folder).")
+
     def data(self) -> RunData:
+        self.check_file("oof.h5")
         return read_run_data(self.path)
 
+    def inner_predictions(self):
+        self.check_file("oof.h5")
+        return read_inner_predictions(self.path)
+
     def model(self, trust_pickle: bool = False):
+        for name in self.info["model_files"]:
+            if name.startswith("model."):
+                self.check_file(name)
         return load_model(self.path, "model", trust_pickle=trust_pickle)
 
     def cross_gene(self):
         """The fitted ``--cross-gene`` map (:class:`regress.crossgene.CrossGeneMap`), or None."""
-        return load_model(self.path, "cross_gene") if self.info.get("cross_gene") else None
+        if not self.info.get("cross_gene"):
+            return None
+        for name in ("cross_gene.json", "cross_gene.npz"):
+            self.check_file(name)
+        return load_model(self.path, "cross_gene")
 
 
 def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:
     """Open a finished run or stack folder (the one place that tells them apart), refusing partial or old ones."""
     path = Path(path)
+    recover(path)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path}: is a file, not a run or stack folder; pass the folder `fit` or `stack` wrote.")
     info = _read_info(path)
     if info is None:
         hint = " (an interrupted fit leaves only a hidden .tmp folder)" if path.name.startswith(".") else ""
@@ -246,16 +459,32 @@ def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:
                        "rerun `python cli.py fit` or `stack`.")
     if kind is not None and info["kind"] != kind:
         raise RunError(f"{path}: is a {info['kind']} folder, not a {kind}.")
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"{path}: run files are unreadable ({exc}); refit.") from exc
-    if info.get("format") != RUN_FORMAT:
+    if "format" in info and isinstance(info["format"], int) and info["format"] != RUN_FORMAT:
         raise RunError(f"{path}: format {info.get('format')!r} is not {RUN_FORMAT} (made by hexpress "
                        f"{info.get('tool_version', '?')}); refit it with this version.")
+    validate_info(path, info)
+    if "info_sha256" in info:
+        if info["info_sha256"] != _info_digest(info):
+            raise RunError(f"{path / INFO_FILES[info['kind']]}: does not match its own checksum (edited or damaged); "
+                           "refit (or restore the folder).")
+    elif str(path) not in _UNSEALED:
+        _UNSEALED.add(str(path))
+        import sys
+
+        print(f"warning: {path}: written before hexpress stored checksums in run folders, so its files cannot be "
+              "verified; refit it to add them.", file=sys.stderr)
+    run = Run(path, info, {})
+    run.check_file("metrics.json")
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path / 'metrics.json'}: unreadable ({exc}); refit.") from exc
     if not (path / "oof.h5").is_file():
         raise RunError(f"{path}: oof.h5 is missing; refit.")
-    return Run(path, info, metrics)
+    run.metrics = metrics
+    return run
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -265,6 +494,19 @@ def load_run(path: str | os.PathLike) -> Run:
 
 def runs_for_table(runs_dir: str | os.PathLike, table: str | os.PathLike) -> list[Path]:
     """The finished run folders under ``runs_dir`` fitted on the tile table at ``table``."""
+    return runs_for_table_checked(runs_dir, table)[0]
+
+
+def runs_for_table_checked(runs_dir: str | os.PathLike, table: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """(the sound run folders fitted on ``table``, one line per damaged run folder skipped)."""
     base, want = Path(runs_dir), str(Path(table).resolve())
-    found = sorted(p for p in base.iterdir() if (p / "run.json").is_file()) if base.is_dir() else []
-    return [p for p in found if load_run(p).info["table"]["path"] == want]
+    found = sorted(p for p in base.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file()) \
+        if base.is_dir() else []
+    good, skipped = [], []
+    for p in found:
+        try:
+            if load_run(p).info["table"]["path"] == want:
+                good.append(p)
+        except RunError as exc:
+            skipped.append(str(exc))
+    return good, skipped

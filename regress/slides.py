@@ -15,21 +15,17 @@ from pathlib import Path
 from typing import Sequence
 
 from featurize import __version__
-from featurize.errors import RunError, UsageError
-from regress.runs import Run, load_run, open_result
+from featurize.errors import UsageError
+from regress.runs import Run, open_result
 from regress.scales import distinct_sizes, run_tile_um, same_size
 
 def trained_tile_sizes(res: Run) -> list[float]:
     """The different tile sides (um) the run, or a stack's runs, were trained on (smallest first; [] if unrecorded)."""
     if res.kind != "stack":
         return distinct_sizes([run_tile_um(res)])
-    sizes = []
-    for p in res.info.get("runs", []):
-        try:
-            sizes.append(run_tile_um(load_run(p)))
-        except RunError:  # a moved run simply does not tell
-            sizes.append(None)
-    return distinct_sizes(sizes)
+    from regress.stack import stack_members
+
+    return distinct_sizes([None if run is None else run_tile_um(run) for _, run, _ in stack_members(res)])
 
 
 def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | os.PathLike, *, mpp: float | None = None,
@@ -43,6 +39,13 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     from regress.predict import predict_table
     from regress.spatial import draw_gene_maps, write_h5ad
 
+    import math
+
+    for flag, v in (("--mpp", mpp), ("--tile-um", tile_um)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{flag} {v}: must be a positive number.")
+    if not (math.isfinite(min_tissue) and 0 <= min_tissue <= 1):
+        raise UsageError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
     out = Path(out)
     if out.suffix != ".h5ad":
         raise UsageError(f"--out {out}: predict-slide writes AnnData; name the file *.h5ad.")

@@ -50,7 +50,7 @@ from sklearn.utils.validation import check_is_fitted
 from featurize import __version__
 from featurize.errors import RunError, UsageError
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, read_inner_predictions,
+from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result,
                           write_run)
 
 
@@ -239,10 +239,14 @@ def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
     """Each run's ``inner_oof`` and the shared ``inner_fold`` (``fit --nested``); refuses runs without them."""
     inner_oof, inner_fold = [], None
     for r in runs:
-        got = read_inner_predictions(r.path)
+        got = r.inner_predictions()
         if got is None:
             raise RunError(f"{r.path}: has no inner out-of-fold predictions; refit it with `fit --nested` "
                            "(without --cross-gene and --smooth) for stack --method cross-gene.")
+        if got[0].shape[1:] != r.data().oof.shape or got[1].shape != (got[0].shape[0], got[0].shape[1]):
+            raise RunError(f"{r.path / 'oof.h5'}: inner_oof / inner_fold have the wrong shape (damaged); refit it.")
+        if np.isinf(got[0]).any() or np.isnan(got[0][got[1] >= 0]).any():
+            raise RunError(f"{r.path / 'oof.h5'}: inner_oof holds NaN or inf on training rows (damaged); refit it.")
         if inner_fold is not None and not np.array_equal(got[1], inner_fold):
             raise RunError(f"{r.path}: its inner CV folds differ from {runs[0].path}; refit both with the same "
                            "--folds, --groups and --seed.")
@@ -258,9 +262,11 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
     ``center_folds``: blend weights learned on the within-fold variation (see the module docstring)."""
     if len(run_paths) < 2:
-        raise UsageError("stack needs at least two runs (--run A --run B, or --all TABLE).")
+        raise UsageError("stack needs at least two runs (`stack RUN RUN ...`, or --all TABLE).")
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose {', '.join(METHODS)}.")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise UsageError(f"--alpha {alpha}: the ridge stacker's penalty must be a positive finite number.")
     runs = [load_run(p) for p in run_paths]
     d, oofs = check_runs(runs)
     genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
@@ -297,6 +303,8 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
               "alpha": alpha if method == "ridge" else None, **({"center_folds": True} if center_folds else {})}
     info = {"format": RUN_FORMAT, "tool_version": __version__, "identity": identity_of(fields), "identity_fields": fields,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
+            "members": [{"run": str(Path(r.path).resolve()), "identity": r.info.get("identity"), "content": r.content}
+                        for r in runs],
             "method": method, "alpha": alpha, "center_folds": bool(center_folds), "table": runs[0].info["table"],
             "genes": genes, "summary": summary,
             "random_init": any(r.info.get("random_init") for r in runs),
@@ -312,12 +320,48 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     return StackResult(path, metrics, stacked, summary)
 
 
+def member_path(stack_path: Path, recorded: str | os.PathLike) -> Path:
+    """Where a stack's member run is now: as recorded, or beside the stack (a stack copied with its runs)."""
+    p = Path(recorded)
+    moved = Path(stack_path).parent / p.name
+    return p if p.is_dir() or not moved.is_dir() else moved
+
+
+def stack_members(res: Run) -> list[tuple[Path, Run | None, str | None]]:
+    """Each member of a stack: (where it is, the run or None, why it cannot serve the stack or None).
+
+    A member serves only while it is the run the stack was made from: same identity and, when the stack
+    recorded it, the same files (a refit with ``--overwrite`` changes them, and the stack's weights were
+    learned on the old predictions)."""
+    recorded = {m.get("run"): m for m in res.info.get("members") or [] if isinstance(m, dict)}
+    ids = (res.info.get("identity_fields") or {}).get("runs") or []
+    out = []
+    for i, p in enumerate(res.info["runs"]):
+        where = member_path(res.path, p)
+        try:
+            run = load_run(where)
+        except RunError as exc:
+            out.append((where, None, str(exc)))
+            continue
+        want = recorded.get(p, {})
+        want_id = want.get("identity", ids[i] if i < len(ids) else None)
+        if want_id is not None and run.info.get("identity") != want_id:
+            out.append((where, run, f"{where}: member run was refitted with other settings since stack {res.path} was "
+                                    "made; rerun `python cli.py stack` over the current runs."))
+        elif want.get("content") is not None and run.content != want["content"]:
+            out.append((where, run, f"{where}: member run was refitted since stack {res.path} was made (its files "
+                                    "differ); rerun `python cli.py stack` over the current runs."))
+        else:
+            out.append((where, run, None))
+    return out
+
+
 def load_stack(path: str | os.PathLike) -> tuple[dict, Stack, list[Run]]:
-    """(stack.json, fitted Stack, its runs) of a stack folder."""
+    """(stack.json, fitted Stack, its runs) of a stack folder; refuses a member that is gone or refitted since."""
     res = open_result(path, kind="stack")
     runs = []
-    for p in res.info["runs"]:
-        p = Path(p)
-        moved = res.path.parent / p.name  # a stack copied with its runs: they sit beside it
-        runs.append(load_run(p if p.is_dir() or not moved.is_dir() else moved))
+    for _, run, problem in stack_members(res):
+        if problem is not None:
+            raise RunError(problem)
+        runs.append(run)
     return res.info, res.model(), runs

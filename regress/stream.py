@@ -13,7 +13,6 @@ of size rows x genes is ever held.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,19 +23,12 @@ import pandas as pd
 
 from featurize.atomic import atomic_path
 from featurize.errors import CacheError, TableError, UsageError
+from featurize.integrity import H5_ERRORS, Sealed, file_sha256, open_h5, seal
 from featurize.table import GROUP_CANDIDATES, META_COLUMNS
 
 STREAM_ABOVE_FRACTION = 0.5
 ROWS = 8192
 _STR = h5py.string_dtype(encoding="utf-8")
-
-
-def _sha16(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, group_col: str | None = None) -> Path:
@@ -50,16 +42,21 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
     st = list(stat_of(table_path))
     for done in sorted(folder.glob("targets-*.h5")):  # the table's stat unchanged: no need to hash it again
         try:
-            with h5py.File(done, "r") as fh:
-                if list(fh.attrs.get("table_stat", [])) == st:
+            with open_h5(done, TableError, "targets store", "delete it") as fh:
+                if list(fh.attrs.get("table_stat", [])) == st and _sound(fh, done):
                     return done
-        except OSError:
+        except (TableError, *H5_ERRORS):
             continue
-    out = folder / f"targets-{_sha16(table_path)}.h5"
+    out = folder / f"targets-{file_sha256(table_path)[:16]}.h5"
     if out.is_file():  # same bytes, new stat (touched, copied): record the stat
-        with h5py.File(out, "r+") as fh:
-            fh.attrs["table_stat"] = st
-        return out
+        try:
+            with open_h5(out, TableError, "targets store", "delete it", mode="r+") as fh:
+                if _sound(fh, out):
+                    fh.attrs["table_stat"] = st
+                    return out
+        except (TableError, *H5_ERRORS):
+            pass
+        out.unlink()  # damaged: made again below
     header = list(pd.read_csv(table_path, nrows=0).columns)
     gcol = group_col or next((c for c in GROUP_CANDIDATES if c in header), None)
     if group_col and group_col not in header:
@@ -100,7 +97,22 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
             if cols["xy"]:
                 fh.create_dataset("xy", data=np.concatenate(cols["xy"]))
             fh.attrs["table_stat"] = st
+            seal(fh, skip_attrs=("table_stat",))
     return out
+
+
+def _sound(fh, path: Path) -> bool:
+    """True when a targets store's checksums all hold (a damaged one is made again from the table)."""
+    try:
+        r = Sealed(fh, path, TableError, "delete it")
+        return r.sealed and not r.verify_all()
+    except (TableError, *H5_ERRORS):
+        return False
+
+
+def _reader(path: Path, what: str, error, hint: str):
+    fh = open_h5(path, error, what, hint)
+    return fh, Sealed(fh, path, error, hint)
 
 
 class StreamingMetrics:
@@ -171,26 +183,34 @@ class StreamingMetrics:
 
 def feature_chunks(caches: Sequence[Path], targets: Path, rows: int = ROWS):
     """(n, dim, callable -> iterator of (start, X, Y)) over the caches' features and the targets' rows."""
-    with h5py.File(targets, "r") as ft:
-        ids = ft["ids"].asstr()[()]
+    ft, rt = _reader(targets, "targets store", TableError, "delete it and rerun fit, which makes it again")
+    with ft:
+        ids = rt.read("ids")
     dims = []
+    readers = {}
     for c in caches:
-        with h5py.File(c, "r") as fh:
-            if not np.array_equal(fh["ids"].asstr()[()], ids):
+        fh, r = _reader(c, "cache file", CacheError, "rerun embed, which replaces it")
+        with fh:
+            r.check_attrs()
+            if not np.array_equal(r.read("ids"), ids):
                 raise CacheError(f"{c}: its rows are not the table's rows in order; rerun embed for this table.")
-            if not fh["valid"][()].all():
+            if not r.read("valid").all():
                 raise CacheError(f"{c}: holds skipped tiles (--skip-bad); streaming needs every row: fix or drop them.")
             dims.append(fh["features"].shape[1])
 
     def chunks():
-        files = [h5py.File(c, "r") for c in caches]
+        opened = [_reader(c, "cache file", CacheError, "rerun embed, which replaces it") for c in caches]
+        for (_, r), c in zip(opened, caches):  # verified blocks are remembered across passes
+            r._ok = readers.setdefault(str(c), set())
         try:
-            with h5py.File(targets, "r") as ft:
+            ft, rt = _reader(targets, "targets store", TableError, "delete it and rerun fit, which makes it again")
+            rt._ok = readers.setdefault(str(targets), set())
+            with ft:
                 for s in range(0, len(ids), rows):
-                    X = np.concatenate([fh["features"][s:s + rows].astype(np.float32) for fh in files], axis=1)
-                    yield s, X, ft["Y"][s:s + rows]
+                    X = np.concatenate([r.rows("features", s, s + rows).astype(np.float32) for _, r in opened], axis=1)
+                    yield s, X, rt.rows("Y", s, s + rows)
         finally:
-            for fh in files:
+            for fh, _ in opened:
                 fh.close()
 
     return len(ids), int(sum(dims)), chunks
@@ -206,9 +226,10 @@ def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: boo
     if not isinstance(head, (RidgeHead, PLSHead)):
         raise UsageError("--stream fits ridge and PLS heads (ridge, ridge-pcc, pls); fit the others in memory.")
     n, d, chunks = feature_chunks(caches, targets)
-    with h5py.File(targets, "r") as ft:
-        genes = list(ft["genes"].asstr()[()])
-        groups = ft["groups"].asstr()[()] if groups_on and "groups" in ft else None
+    ft, rt = _reader(targets, "targets store", TableError, "delete it and rerun fit, which makes it again")
+    with ft:
+        genes = list(rt.read("genes"))
+        groups = rt.read("groups") if groups_on and "groups" in ft else None
     log(f"[fit] streaming {n} rows x {d} features -> {len(genes)} genes from disk")
     from regress.cv import make_splits
 
@@ -220,17 +241,18 @@ def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: boo
     metrics_acc = StreamingMetrics(len(genes), len(head.fold_models_))
 
     def write_oof(path: Path) -> None:
-        with h5py.File(path, "w") as fh, h5py.File(targets, "r") as ft:
-            fh.create_dataset("ids", data=ft["ids"][()], dtype=_STR)
-            fh.create_dataset("genes", data=ft["genes"][()], dtype=_STR)
+        ft, rt = _reader(targets, "targets store", TableError, "delete it and rerun fit, which makes it again")
+        with h5py.File(path, "w") as fh, ft:
+            fh.create_dataset("ids", data=rt.read("ids").astype(object), dtype=_STR)
+            fh.create_dataset("genes", data=rt.read("genes").astype(object), dtype=_STR)
             oof = fh.create_dataset("oof", shape=(n, len(genes)), dtype=np.float32, chunks=(min(n, 1024), len(genes)))
             y = fh.create_dataset("y", shape=(n, len(genes)), dtype=np.float32, chunks=(min(n, 1024), len(genes)))
             fh.create_dataset("fold", data=folds.astype(np.int32))
             for k in ("groups", "slides"):
                 if k in ft and (k != "groups" or groups is not None):
-                    fh.create_dataset(k, data=ft[k][()], dtype=_STR)
+                    fh.create_dataset(k, data=rt.read(k).astype(object), dtype=_STR)
             if "xy" in ft:
-                fh.create_dataset("xy", data=ft["xy"][()])
+                fh.create_dataset("xy", data=rt.read("xy"))
             for s, X, Y in chunks():
                 fb = folds[s:s + len(X)]
                 P = np.empty((len(X), len(genes)))

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featurize.cache import load_features
+from featurize.cache import load_features, require_cache_files
 from featurize.errors import TableError, UsageError
 from featurize.table import TileTable, index_of, read_table
 from regress.context import neighbour_features, slide_split
@@ -44,6 +44,8 @@ def load_training_data(data: str | os.PathLike | TileTable, backbones: Sequence[
     append ``context`` nearest-neighbour mean features (0 = none), centre each slide (``center_slides``)."""
     if not backbones and not cache_files:
         raise UsageError("name the features to fit on: --backbone NAME (repeatable) or --cache FILE.")
+    if not isinstance(data, TileTable) and not cache_files:
+        require_cache_files(data, backbones, cache_dir)  # before reading a large table: say "no cache" at once
     table = data if isinstance(data, TileTable) else read_table(data, group_col=group_col, require_genes=True,
                                                                 check_files=False)
     if table.Y is None:

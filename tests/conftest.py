@@ -117,3 +117,34 @@ def at_tile_size(table: Path, name: str, tile_um: float) -> Path:
     df.to_csv(out, index=False)
     record_tile_size(out, tile_um)
     return out
+
+
+def rewrite_info(folder: Path, info: dict) -> None:
+    """Write a run's (or stack's) info file as hexpress would, checksum included: a test that changes a run
+    on purpose (an edit hexpress itself would refuse as damage) re-seals it here."""
+    import json
+
+    from regress.runs import INFO_FILES, _info_digest
+
+    kind = info.get("kind") or ("stack" if (Path(folder) / "stack.json").is_file() else "run")
+    info = {**info, "kind": kind}
+    info["info_sha256"] = _info_digest(info)
+    (Path(folder) / INFO_FILES[kind]).write_text(json.dumps(info, indent=2))
+
+
+def small_world(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(root, train, test, cache): 40 generated training tiles (5 genes) embedded with a random-init
+    timm:test_vit through the CLI, and 8 test tiles under new IDs without gene columns."""
+    import pandas as pd
+
+    import cli
+
+    train = make_synthetic_table(root / "data", n=40, n_genes=5, size=48, name="train", seed=0)
+    test = make_synthetic_table(root / "data", n=8, n_genes=5, size=48, name="test", seed=1)
+    df = pd.read_csv(test)
+    df["ID"] = "T" + df["ID"].astype(str)
+    df[["ID", "path", "slide", "x", "y"]].to_csv(test, index=False)
+    cache = root / "cache"
+    assert cli.main(["embed", "--data", str(train), "--backbone", "timm:test_vit", "--random-init", "--quiet",
+                     "--cache-dir", str(cache), "--workers", "0"]) == 0
+    return root, train, test, cache

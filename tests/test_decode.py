@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import rewrite_info
 from PIL import Image
 
 from featurize.cache import read_attrs, read_cache
@@ -257,7 +258,7 @@ def test_predict_refuses_a_device_without_the_training_decoder(mixed, tmp_path):
     info_path = res.path / "run.json"
     info = json.loads(info_path.read_text())
     info["backbones"][0]["key"]["decoder"] = "nvjpeg"  # as if embedded on a GPU
-    info_path.write_text(json.dumps(info))
+    rewrite_info(res.path, info)
     test = mixed.parent / "test_nv.csv"
     pd.read_csv(mixed).assign(ID=lambda d: "N" + d.ID).drop(columns="g").to_csv(test, index=False)
     with pytest.raises(CacheError, match="decoded by nvjpeg"):

@@ -183,6 +183,12 @@ def test_non_finite_features_are_refused_at_write_and_at_read(tmp_path, syn_cach
     shutil.copy(good, tmp_path / "nan.h5")
     with h5py.File(tmp_path / "nan.h5", "r+") as fh:
         fh["features"][7, 3] = np.nan
+    with pytest.raises(CacheError, match=r"rows 0\.\.\d+ do not match their checksum"):  # an edit is caught first
+        read_cache(tmp_path / "nan.h5")
+    from featurize.integrity import seal
+
+    with h5py.File(tmp_path / "nan.h5", "r+") as fh:  # a file sealed with a NaN (another writer): still refused
+        seal(fh)
     with pytest.raises(CacheError, match=r"1 rows hold NaN or inf.*--dtype float32"):
         read_cache(tmp_path / "nan.h5")
 

@@ -172,14 +172,14 @@ def test_interrupted_fit_leaves_no_run_folder(syn_cache, tmp_path, monkeypatch):
     rc = cli.main(["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
                    "--runs-dir", str(tmp_path), "--folds", "4"])
     assert rc == 130
-    assert not [p for p in tmp_path.iterdir()]  # neither the run nor its temporary folder
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]  # neither the run nor its temporary folder
 
 
 def test_old_or_partial_run_folders_are_refused(syn_cache, tmp_path):
     table, cache_dir = syn_cache
     assert cli.main(["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
                      "--runs-dir", str(tmp_path), "--folds", "4"]) == 0
-    run = next(tmp_path.iterdir())
+    run = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     info = (run / "run.json").read_text()
     (run / "run.json").write_text(info.replace('"format": 2', '"format": 1'))
     with pytest.raises(RunError, match="refit it"):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import rewrite_info, small_world
 
 import cli
 from featurize.errors import RunError, UsageError
-from featurize.synthetic import make_synthetic_table
 
 
 def run(argv):
@@ -24,16 +24,7 @@ def run(argv):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    train = make_synthetic_table(root / "data", n=40, n_genes=5, size=48, name="train", seed=0)
-    test = make_synthetic_table(root / "data", n=8, n_genes=5, size=48, name="test", seed=1)
-    df = pd.read_csv(test)
-    df["ID"] = "T" + df["ID"].astype(str)
-    df[["ID", "path", "slide", "x", "y"]].to_csv(test, index=False)
-    cache = root / "cache"
-    assert run(["embed", "--data", train, "--backbone", "timm:test_vit", "--random-init", "--quiet", "--cache-dir",
-                cache, "--workers", "0"]) == 0
-    return root, train, test, cache
+    return small_world(tmp_path_factory.mktemp("trust"))
 
 
 def fit(world, runs, *extra):
@@ -108,7 +99,7 @@ def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
     assert fit(world, d, "--head", "pls", "--folds", "3", "--overwrite") == 0
     from regress.predict import predict_table
 
-    with pytest.raises(RunError, match="CV folds differ"):
+    with pytest.raises(RunError, match="member run was refitted with other settings since stack"):
         predict_table(d / "stack", test, cache_dir=cache, device="cpu")
 
 
@@ -281,7 +272,7 @@ def test_predict_refuses_a_precision_mismatch_before_embedding(world, tmp_path, 
     folder = runs / "train-timm_test_vit-ridge"
     info = json.loads((folder / "run.json").read_text())
     info["backbones"][0]["key"]["compute"] = "bfloat16"  # as if the training caches came from a GPU
-    (folder / "run.json").write_text(json.dumps(info))
+    rewrite_info(folder, info)
     import featurize.extract
 
     monkeypatch.setattr(featurize.extract, "embed", lambda *a, **k: pytest.fail("embedded before refusing"))

@@ -2,7 +2,7 @@
 
 Every importer produces the same thing: ``<out>/<name>.csv`` (the tile table:
 ID, path, slide, patient, x, y, one column per gene), the tiles under
-``<out>/tiles/<slide>/``, and ``<out>/<name>.json`` saying what was done
+``<out>/tiles/<slide>-<cut key>/``, and ``<out>/<name>.json`` saying what was done
 (spots matched and dropped per slide, tiles padded, genes kept).  The table
 and sidecar are written last and atomically, so a failed import never
 leaves a table that looks complete.
@@ -187,15 +187,34 @@ def symbols_for(genes: Sequence[str], names: dict[str, str] | None) -> dict[str,
     return out
 
 
-def cut_tiles(slide: Slide, out_dir: Path, out_px: int) -> tuple[list[str], int]:
+def cut_key(slide: Slide, out_px: int) -> str:
+    """16 hex of a hash of everything that changes a slide's tiles: image (path, size, mtime), centres, tile side,
+    image scale, output size.  Tiles live under ``tiles/<slide>-<key>/``, so a re-cut with other settings never
+    overwrites the tiles that an existing table points at."""
+    import hashlib
+
+    img = Path(slide.image)
+    st = img.stat()
+    h = hashlib.sha256(json.dumps({"image": str(img.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+                                   "tile_px": float(slide.tile_px), "scale": float(slide.image_scale),
+                                   "out_px": int(out_px)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(slide.centers, dtype=np.float64).tobytes())
+    h.update("\0".join(map(str, slide.keys)).encode())
+    return h.hexdigest()[:16]
+
+
+def cut_tiles(slide: Slide, out_dir: Path, out_px: int, owner: str = "") -> tuple[list[str], int]:
     """Cut a ``tile_px`` square around every centre, pad with white at borders, resize to ``out_px``.
 
-    Returns the tiles' paths relative to ``out_dir`` and how many needed padding.
+    Returns the tiles' paths relative to ``out_dir`` and how many needed padding.  ``owner``: the table the
+    tiles are cut for, recorded in the folder's ``.owner`` (only that table's later re-cuts remove it).
     """
     if slide.image is None or not Path(slide.image).is_file():
         raise ImportDataError(f"slide {slide.name}: image {slide.image} not found; pass the full-resolution image.")
-    rel_dir = Path("tiles") / slide.name
+    rel_dir = Path("tiles") / f"{slide.name}-{cut_key(slide, out_px)}"
     (out_dir / rel_dir).mkdir(parents=True, exist_ok=True)
+    if owner:
+        (out_dir / rel_dir / OWNER).write_text(owner)
     half = slide.tile_px / 2.0
     try:
         with large_images_allowed(), Image.open(slide.image) as im:
@@ -253,7 +272,7 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
         if s.report.get("pre_cut"):  # HEST patches, already written by the importer
             paths, padded = [f"./tiles/{s.name}/{s.name}_{k}.png" for k in s.keys], 0
         else:
-            paths, padded = cut_tiles(s, out_dir, out_px)
+            paths, padded = cut_tiles(s, out_dir, out_px, owner=f"{name}.csv")
         s.report["tiles_padded_at_border"] = padded
         s.report["tile_px"] = s.tile_px
         if s.image is not None:
@@ -273,5 +292,60 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
                "genes": gene_report, "gene_names": symbols,
                "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
     sidecar.update(extra or {})
-    (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))
-    return write_csv_atomic(table, out_dir / f"{name}.csv")
+    return switch_table(out_dir, name, table, sidecar)
+
+
+#: The file in a keyed tile folder naming the table it was cut for.
+OWNER = ".owner"
+
+
+def _tile_dirs(out_dir: Path, paths) -> set[Path]:
+    """The tile folders (under ``out_dir/tiles``) that a table's paths point into."""
+    root = (out_dir / "tiles").resolve()
+    out = set()
+    for p in paths:
+        d = (out_dir / str(p)).resolve().parent
+        if d.parent == root:
+            out.add(d)
+    return out
+
+
+def _table_paths(table_file: Path) -> list[str]:
+    try:
+        return pd.read_csv(table_file, usecols=["path"], dtype=str)["path"].dropna().tolist()
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return []
+
+
+def switch_table(out_dir: Path, name: str, table: pd.DataFrame, sidecar: dict[str, Any]) -> Path:
+    """Put a finished import in place: the old table goes first (a kill from here on leaves no table that looks
+    complete), then the sidecar and the table, each atomically; the old table's tile folders that no table in
+    ``out_dir`` points at any more are removed last."""
+    from featurize.atomic import atomic_path
+    from featurize.faults import point
+
+    point("table-after-tiles")
+    final = out_dir / f"{name}.csv"
+    old_dirs = _tile_dirs(out_dir, _table_paths(final)) if final.exists() else set()
+    for d in (out_dir / "tiles").glob("*/" + OWNER):  # earlier cuts for this table, interrupted or replaced
+        try:
+            if d.read_text() == final.name:
+                old_dirs.add(d.parent.resolve())
+        except OSError:
+            continue
+    if final.exists():
+        final.unlink()
+    with atomic_path(out_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2, default=str))
+    point("table-between-sidecar-and-table")
+    out = write_csv_atomic(table, final)
+    stale = old_dirs - _tile_dirs(out_dir, table["path"])
+    if stale:
+        for other in out_dir.glob("*.csv"):
+            if other != final:
+                stale -= _tile_dirs(out_dir, _table_paths(other))
+        import shutil
+
+        for d in stale:
+            shutil.rmtree(d, ignore_errors=True)
+    return out

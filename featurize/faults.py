@@ -1,0 +1,23 @@
+"""Named fault points inside the writers, for the fault-injection tests (``tests/test_integrity.py``).
+
+``HEXPRESS_FAULT=<point>`` kills the process with SIGKILL when it reaches ``<point>``;
+``HEXPRESS_PAUSE=<point>:<seconds>`` sleeps there (to line up a race).  Unset, a point costs one
+environment lookup.  Points: ``run-before-swap``, ``run-between-renames``, ``run-after-swap`` (run and
+stack folders, :mod:`regress.runs`), ``table-after-tiles``, ``table-between-sidecar-and-table``
+(importers), ``merge-mid`` (``cache merge``), ``embed-mid`` (after the first batch is written).
+"""
+from __future__ import annotations
+
+import os
+
+
+def point(name: str) -> None:
+    if os.environ.get("HEXPRESS_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    pause = os.environ.get("HEXPRESS_PAUSE", "")
+    if pause.startswith(name + ":"):
+        import time
+
+        time.sleep(float(pause.split(":", 1)[1]))
