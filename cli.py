@@ -334,16 +334,15 @@ def cmd_predict(args) -> int:
         return 0
     from featurize.table import read_table
     from regress.runs import open_result
-    from regress.spatial import write_h5ad
+    from regress.spatial import provenance, write_h5ad
 
     res = open_result(args.run)
     test = read_table(args.data[0], check_files=False)
     genes = [c for c in df.columns if c != "ID"]
-    prov = {"run": str(Path(args.run).resolve()), "kind": res.kind, "table": str(test.source),
-            "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256")}
-                          for b in res.info.get("backbones", [])], "random_init": bool(res.info.get("random_init"))}
+    prov = provenance(res, table=str(test.source), n_tiles=len(test))
+    slides = test.slides if test.slides is not None else test.name  # each tile under its own slide
     print(write_h5ad(args.out, df["ID"].tolist(), genes, df[genes].to_numpy(), xy=test.xy,
-                     symbols=res.info.get("gene_names"), slide=test.name, provenance=prov))
+                     symbols=res.info.get("gene_names"), slide=slides, provenance=prov))
     return 0
 
 
@@ -381,7 +380,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from featurize.backbones import list_backbones
     from regress.heads import head_choices_help
-    from regress.stack import METHODS as STACK_METHODS
+    from regress.stack_methods import METHODS as STACK_METHODS
 
     p = OneLineErrorParser(
         prog="python cli.py",
@@ -566,9 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also keep each fold's inner out-of-fold predictions (the head refitted on every inner "
                          "fold: about folds+1 times the fit time), so that `stack --method cross-gene` can learn "
                          "and be scored without the held-out fold")
-    sp.add_argument("--stream", action="store_true", default=None,
-                    help="fit from disk in row chunks, never holding all features or targets (ridge heads; chosen "
-                         "automatically when the table file is larger than half the machine's memory)")
+    sp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="fit from disk in row chunks, never holding all features or targets (ridge and PLS heads; "
+                         "chosen automatically, and said so, when the table file is larger than half the machine's "
+                         "memory; --no-stream always fits in memory)")
     sp.set_defaults(func=cmd_fit)
 
     sp = sub.add_parser("compare", help="backbones x heads table of CV PCC and fit time",

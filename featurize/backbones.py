@@ -196,6 +196,13 @@ def _timm_spec(name: str) -> BackboneSpec:
         raise BackboneError(f"timm has no pretrained config for '{model_name}'.") from exc
     model = timm.create_model(model_name.split(".")[0], pretrained=False)
     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    notes = ""
+    if cfg is None:
+        notes = ("timm has no pretrained config for this model: ImageNet mean/std, 224 px and bicubic resizing "
+                 "were assumed (check them against the weights you load)")
+        import sys
+
+        print(f"warning: backbone '{name}': {notes}.", file=sys.stderr)
     return BackboneSpec(
         name=name,
         architecture=model_name.split(".")[0],
@@ -205,6 +212,7 @@ def _timm_spec(name: str) -> BackboneSpec:
         std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
         interpolation=cfg.interpolation if cfg is not None else "bicubic",
         embed_dim=int(model.num_features),
+        notes=notes,
     )
 
 

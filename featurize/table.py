@@ -14,10 +14,11 @@ with ``ID,path``) is read as is.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,11 @@ from featurize.errors import TableError
 #: Columns never treated as genes.
 META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode", "grid_row", "grid_col",
                 "pack_offset", "pack_size")
+#: Spatial and QC columns that other tools write (Space Ranger, scanpy, HEST, Xenium): never genes, even when numeric.
+NOT_GENES = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres", "pxl_row", "pxl_col",
+             "imagerow", "imagecol", "x_um", "y_um", "total_counts", "n_counts", "n_genes", "n_genes_by_counts",
+             "log1p_total_counts", "log1p_n_genes_by_counts", "total_counts_mt", "pct_counts_mt",
+             "pct_counts_in_top_50_genes", "cell_id", "cell_area", "nucleus_area", "transcript_counts", "tile_um")
 #: Grouping columns looked for, in this order, when none is named.
 GROUP_CANDIDATES = ("patient", "slide", "section", "group")
 
@@ -47,6 +53,7 @@ class TileTable:
     xy: np.ndarray | None  # (n, 2) float64
     slides: np.ndarray | None = None  # (n,) str: the slide/section column, for spatial neighbours
     packed: np.ndarray | None = None  # (n, 2) int64 byte offset and size inside the pack file at ``paths[i]``
+    ignored: tuple[str, ...] = ()  # columns that are neither metadata nor genes (known QC/spatial, or not in the sidecar)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -93,7 +100,8 @@ class TileTable:
         sl = slice(start, stop)
         opt = lambda a: None if a is None else a[sl]  # noqa: E731
         return TileTable(self.source, self.ids[sl], self.paths[sl], self.raw_paths[sl], self.genes, opt(self.Y),
-                         opt(self.groups), self.group_col, opt(self.xy), opt(self.slides), opt(self.packed))
+                         opt(self.groups), self.group_col, opt(self.xy), opt(self.slides), opt(self.packed),
+                         self.ignored)
 
     def memo(self, key, compute):
         """A value computed once per table object (e.g. the freshness check of one cache)."""
@@ -214,7 +222,16 @@ def read_table(
     slides = df[slide_col].astype(str).to_numpy() if slide_col else None
 
     meta = set(META_COLUMNS) | ({group_col} if group_col else set())
-    gene_cols = [c for c in df.columns if c not in meta]
+    listed = _sidecar_genes(path)
+    if listed is not None:  # an importer's table: its genes are what the sidecar lists, nothing else
+        absent = [g for g in listed if g not in df.columns]
+        if absent:
+            raise TableError(f"{path}: its sidecar lists gene '{absent[0]}' (and {len(absent) - 1} more) that the table "
+                             "lacks; re-import the table, or delete the sidecar if the table was edited by hand.")
+        gene_cols = [c for c in df.columns if c in set(listed)]
+    else:
+        gene_cols = [c for c in df.columns if c not in meta and c not in NOT_GENES]
+    ignored = tuple(str(c) for c in df.columns if c not in meta and c not in set(gene_cols))
     Y = None
     if gene_cols:
         Y = _gene_matrix(path, df, gene_cols, ids)
@@ -232,7 +249,68 @@ def read_table(
         xy=xy,
         slides=slides,
         packed=packed,
+        ignored=ignored,
     )
+
+
+# -- the sidecar: what an importer (or predict-slide's cut) recorded about the table, beside it ------------------
+def sidecar_path(table_path: str | os.PathLike) -> Path:
+    """``<name>.json`` beside the table ``<name>.csv``."""
+    return Path(table_path).with_suffix(".json")
+
+
+def read_sidecar(table_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The importer's sidecar beside a tile table (``<name>.json``), or None for tables made elsewhere."""
+    side = sidecar_path(table_path)
+    if not side.is_file():
+        return None
+    try:
+        doc = json.loads(side.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise TableError(f"{side}: the importer's sidecar of {Path(table_path).name} is unreadable ({str(exc)[:80]}), "
+                         "so the tiles' physical size cannot be checked; re-import the table (or delete the sidecar "
+                         "if the table was not made by hexpress).") from exc
+    return doc if isinstance(doc, dict) and doc.get("table") == Path(table_path).name else None
+
+
+def slide_images_of(sidecar: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per slide, the image its tiles were cut from and its scale (image pixels per full-resolution pixel)."""
+    out = {}
+    for name, rep in ((sidecar or {}).get("slides") or {}).items():
+        if rep.get("image"):
+            out[name] = {"path": rep["image"], "scale": float(rep.get("image_scale", 1.0))}
+    return out
+
+
+def tile_um_of(sidecar: dict[str, Any] | None) -> float | None:
+    """The tiles' physical side (um) an importer recorded: the median over slides, or None."""
+    if not sidecar:
+        return None
+    vals = [s.get("tile_um") for s in sidecar.get("slides", {}).values() if s.get("tile_um")]
+    return float(np.median(vals)) if vals else None
+
+
+def write_table(df: pd.DataFrame, table_path: str | os.PathLike, sidecar: dict) -> Path:
+    """The table contract's one writer: the old table goes first (a kill from here on leaves no table that looks
+    complete beside a new sidecar), then the sidecar and the table, each written atomically."""
+    from featurize.faults import point
+
+    final = Path(table_path)
+    if final.exists():
+        final.unlink()
+    with atomic_path(sidecar_path(final)) as tmp:
+        tmp.write_text(json.dumps({**sidecar, "table": final.name}, indent=2, default=str))
+    point("table-between-sidecar-and-table")
+    return write_csv_atomic(df, final)
+
+
+def _sidecar_genes(path: Path) -> list[str] | None:
+    """The gene columns an importer's sidecar lists for the table at ``path`` (None: not listed, a hand-made table)."""
+    if not sidecar_path(path).is_file():
+        return None
+    doc = read_sidecar(path)
+    cols = doc.get("gene_columns") if doc else None
+    return [str(c) for c in cols] if isinstance(cols, list) else None
 
 
 def _gene_matrix(path: Path, df: pd.DataFrame, gene_cols: list, ids: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from PIL import Image
 from featurize.atomic import atomic_path
 from featurize.errors import ImportDataError
 from featurize.images import large_images_allowed, to_rgb
-from featurize.table import write_csv_atomic
+from featurize.table import write_table
 
 PYRAMID_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".svslide")
 THUMB_SIDE = 2048
@@ -260,13 +260,12 @@ def cut_slide(slide: SlideImage, out_dir: str | os.PathLike, *, tile_um: float, 
                 tile.save(tmp, format="PNG")
         rows.append({"ID": tid, "path": f"./{(rel / dest.name).as_posix()}", "slide": name,
                      "x": cx, "y": cy, "grid_row": r, "grid_col": c})
-    # "table" and "slides" make it a sidecar that read_sidecar/tile_um_of understand (the tiles' size for predict)
+    # "table" and "slides" make it a sidecar that table.read_sidecar/tile_um_of understand (the tiles' size for predict)
     done = {"key": key, "table": table.name, **params, "slides": {name: {"tile_um": tile_um}},
             "tile_px_level0": tile_px, "n_tiles": len(rows), "mpp_source": slide.mpp_source,
             "backend": slide.backend, "thumbnail_scale": scale, "tissue_fraction": float(mask.mean()),
             "width": slide.width, "height": slide.height}
-    write_csv_atomic(pd.DataFrame(rows), table)
-    side.write_text(json.dumps(done, indent=1))
+    write_table(pd.DataFrame(rows), table, done)
     for stale in (out_dir / "tiles").glob(f"{stem}-*"):  # an earlier cut of this slide with other parameters
         if stale.is_dir() and stale.name != rel.name and len(stale.name) == len(rel.name):
             shutil.rmtree(stale, ignore_errors=True)

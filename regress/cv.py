@@ -32,7 +32,9 @@ def make_splits(n: int, cv: Any, groups=None, seed: int = 0) -> list[tuple[np.nd
             raise UsageError("grouped cross-validation needs at least 2 groups; pass --groups none to use plain K-fold.")
         splitter = LeaveOneGroupOut() if cv >= n_groups else GroupKFold(n_splits=int(cv))
         return [(a, b) for a, b in splitter.split(np.zeros((n, 1)), groups=groups)]
-    k = max(2, min(int(cv), n))
+    if cv > n:
+        raise UsageError(f"--folds {cv}: the table has only {n} rows to split; use --folds {n} or fewer.")
+    k = int(cv)
     return [(a, b) for a, b in KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros((n, 1)))]
 
 

@@ -13,11 +13,12 @@ import numpy as np
 
 from featurize import __version__
 from featurize.errors import UsageError
-from featurize.importers.common import read_sidecar, slide_images_of, tile_um_of
+from featurize.table import read_sidecar, slide_images_of, tile_um_of
 from regress.cv import accepts_groups, cross_val_predict_groups, fold_labels, make_splits
 from regress.heads import is_plugin, make_head
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import RUN_FORMAT, RunData, digest_array, identity_of, jsonable, refuse_other_identity, write_run
+from regress.runs import (RUN_FORMAT, RunData, digest_array, identity_of, jsonable, refuse_other_identity,
+                          run_identity_fields, write_run)
 from regress.training import TrainingData, cache_info, load_training_data
 
 
@@ -33,6 +34,10 @@ def run_name(td: TrainingData, head: str, context: int) -> str:
     bb = "+".join(c["backbone"] for c in td.caches)
     ctx = f"-ctx{context}" if context else ""
     return f"{td.table.name}-{bb}-{head}{ctx}".replace(":", "_").replace("/", "_")
+
+
+#: The heads ``fit --stream`` fits (from disk in row chunks).
+STREAMABLE = ("ridge", "ridge-pcc", "pls")
 
 
 def check_fit_settings(folds, context: int, smooth: int) -> None:
@@ -73,13 +78,26 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     if nested and (cross_gene or smooth):
         raise UsageError("--nested keeps the head's own inner predictions for stacking; fit it without "
                          "--cross-gene and --smooth (stack --method cross-gene applies the cross-gene map itself).")
-    if training is None and (stream or (stream is None and not smooth and not center_slides and not cross_gene
-                                        and not nested and _too_big(data))):
+    auto = (training is None and stream is None and not smooth and not center_slides and not cross_gene
+            and not nested and _too_big(data))
+    if auto:
+        if head in STREAMABLE:
+            log(f"[fit] {data}: the table file is larger than half this machine's memory, so the fit streams from "
+                "disk (--no-stream fits in memory).")
+        else:
+            log(f"[fit] {data}: the table file is larger than half this machine's memory, but head '{head}' fits in "
+                f"memory only (streaming serves {', '.join(STREAMABLE)}).")
+            auto = False
+    if training is None and (stream or auto):
         return _fit_run_streaming(data, backbones, head, cache_dir=cache_dir, runs_dir=runs_dir,
                                   cache_files=cache_files, folds=folds, group_col=group_col, use_groups=use_groups,
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
                                   head_params=head_params, overwrite=overwrite)
     td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context, center_slides)
+    tg = td.table.genes
+    log(f"[fit] {len(tg)} gene columns ({tg[0]}{f' ... {tg[-1]}' if len(tg) > 1 else ''})"
+        + (f"; not genes: {', '.join(td.table.ignored[:8])}{' ...' if len(td.table.ignored) > 8 else ''}"
+           if td.table.ignored else ""))
     groups = td.groups if use_groups else None
     if groups is not None and len(np.unique(groups)) < 2:
         alt = [f"--groups slide ({len(np.unique(td.slides))} slides)"] if td.slides is not None and \
@@ -90,23 +108,12 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     est = make_head(head, device, seed, head_params)  # parameters checked before any work
     splits = make_splits(len(td.ids), folds, groups, seed)
     fold_of = fold_labels(splits, len(td.ids))
-    if device.startswith("cuda") and not is_plugin(head) and "device" not in est.get_params(deep=False):
-        log(f"[fit] note: head '{head}' has no GPU path and runs on the CPU.")
     params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}
-    identity_fields = {
-        "format": RUN_FORMAT,
-        "table": {"rows": td.table.fingerprint(), "used_rows": digest_array(td.ids.astype("U")),
-                  "targets": td.table.targets_digest(), "group_col": td.table.group_col if use_groups else None},
-        "caches": [{"backbone": c["backbone"], "key": c["fingerprint"], "content": c["table_fingerprint"]}
-                   for c in td.caches],
-        "head": {"name": head, "params": {k: repr(v) for k, v in params.items()}},
-        "folds": {"n": folds, "seed": seed, "grouped": groups is not None},
-        "context": context,
-        **({"smooth": smooth} if smooth else {}),
-        **({"center_slides": True} if center_slides else {}),
-        **({"cross_gene": True} if cross_gene else {}),
-        **({"nested": True} if nested else {}),
-    }
+    identity_fields = run_identity_fields(
+        table_rows=td.table.fingerprint(), used_rows=digest_array(td.ids.astype("U")), targets=td.table.targets_digest(),
+        group_col=td.table.group_col if use_groups else None, caches=td.caches, head=head, params=params, folds=folds,
+        seed=seed, grouped=groups is not None, context=context, smooth=smooth, center_slides=center_slides,
+        cross_gene=cross_gene, nested=nested)
     if smooth and td.xy is None:
         raise UsageError(f"{td.table.source}: --smooth needs x and y columns (tile centres) in the tile table.")
     name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
@@ -250,14 +257,9 @@ def _fit_run_streaming(data, backbones, head, *, cache_dir, runs_dir, cache_file
     est = make_head(head, device, seed, head_params)
     grouped = use_groups and table.group_col is not None
     params = {k: jsonable(v) for k, v in est.get_params(deep=False).items()}
-    identity_fields = {
-        "format": RUN_FORMAT,
-        "table": {"rows": table.fingerprint(), "targets": targets.stem, "group_col": table.group_col if grouped else None},
-        "caches": [{"backbone": c["backbone"], "key": c["fingerprint"], "content": c["table_fingerprint"]} for c in infos],
-        "head": {"name": head, "params": {k: repr(v) for k, v in params.items()}},
-        "folds": {"n": folds, "seed": seed, "grouped": grouped},
-        "context": 0,
-    }
+    identity_fields = run_identity_fields(
+        table_rows=table.fingerprint(), targets=targets.stem, group_col=table.group_col if grouped else None,
+        caches=infos, head=head, params=params, folds=folds, seed=seed, grouped=grouped, context=0)
     name = name or f"{table.name}-{'+'.join(c['backbone'] for c in infos)}-{head}".replace(":", "_").replace("/", "_")
     final = Path(runs_dir) / name
     refuse_other_identity(final, identity_fields, overwrite)

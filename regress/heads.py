@@ -24,38 +24,41 @@ PLUGIN_PREFIX = "sklearn:"
 
 @dataclass(frozen=True)
 class HeadPreset:
-    """A built-in head: a factory ``(device, seed) -> estimator`` and its one-line help."""
+    """A built-in head: a factory ``(device, seed) -> estimator``, its one-line help, and ``stored``: the
+    ``module:Class`` of its estimator, which :mod:`regress.persist` restores without pickle (declared here, with
+    the head, so a new head can never fall back to pickle unnoticed)."""
 
     name: str
     factory: Callable[[str, int], Any]
     help: str
+    stored: str
 
 
 HEADS: Registry[HeadPreset] = Registry("head", UsageError)
 
 
-def _preset(name: str, help: str):
+def _preset(name: str, help: str, stored: str):
     def deco(factory):
-        HEADS.register(name, HeadPreset(name, factory, help))
+        HEADS.register(name, HeadPreset(name, factory, help, stored))
         return factory
     return deco
 
 
-@_preset("ridge", "ridge, standardised features, alpha per gene from 13 values by (grouped) 5-fold CV on MSE")
+@_preset("ridge", "ridge, standardised features, alpha per gene from 13 values by (grouped) 5-fold CV on MSE", stored="regress.ridge:RidgeHead")
 def _ridge(device, seed):
     from regress.ridge import RidgeHead
 
     return RidgeHead(device=device, random_state=seed)
 
 
-@_preset("ridge-pcc", "as ridge, alpha per gene chosen by out-of-fold Pearson r")
+@_preset("ridge-pcc", "as ridge, alpha per gene chosen by out-of-fold Pearson r", stored="regress.ridge:RidgeHead")
 def _ridge_pcc(device, seed):
     from regress.ridge import RidgeHead
 
     return RidgeHead(scoring="pcc", device=device, random_state=seed)
 
 
-@_preset("hest", "HEST-Benchmark protocol: StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*genes), no intercept)")
+@_preset("hest", "HEST-Benchmark protocol: StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*genes), no intercept)", stored="regress.ridge:RidgeHead")
 def _hest(device, seed):
     from regress.ridge import RidgeHead
 
@@ -63,7 +66,7 @@ def _hest(device, seed):
 
 
 @_preset("ridge-rr", "reduced-rank ridge: ridge on the genes' principal components, rank per gene from "
-                     "(4..128, all) by (grouped) 5-fold CV on Pearson r")
+                     "(4..128, all) by (grouped) 5-fold CV on Pearson r", stored="regress.rrr:ReducedRankRidgeHead")
 def _ridge_rr(device, seed):
     from regress.rrr import ReducedRankRidgeHead
 
@@ -71,7 +74,7 @@ def _ridge_rr(device, seed):
 
 
 @_preset("knn", "k nearest tiles on 64 whitened principal components, k per gene from (5,10,20,40) by (grouped) "
-                "5-fold CV (a diverse stack member)")
+                "5-fold CV (a diverse stack member)", stored="regress.knn:KNNHead")
 def _knn(device, seed):
     from regress.knn import KNNHead
 
@@ -79,28 +82,28 @@ def _knn(device, seed):
 
 
 @_preset("krr", "RBF kernel ridge on standardised features, width and alpha per gene by (grouped) 5-fold CV on "
-                "Pearson r (non-linear; up to 20,000 training tiles)")
+                "Pearson r (non-linear; up to 20,000 training tiles)", stored="regress.krr:KernelRidgeHead")
 def _krr(device, seed):
     from regress.krr import KernelRidgeHead
 
     return KernelRidgeHead(random_state=seed)
 
 
-@_preset("pls", "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV")
+@_preset("pls", "PLS, components per gene from (2,4,8,16,32) by (grouped) 5-fold CV", stored="regress.pls:PLSHead")
 def _pls(device, seed):
     from regress.pls import PLSHead
 
     return PLSHead(random_state=seed)
 
 
-@_preset("mlp", "MLP 512 hidden, SiLU, dropout 0.2, AdamW, early stopping")
+@_preset("mlp", "MLP 512 hidden, SiLU, dropout 0.2, AdamW, early stopping", stored="regress.mlp:MLPHead")
 def _mlp(device, seed):
     from regress.mlp import MLPHead
 
     return MLPHead(device=device, random_state=seed)
 
 
-@_preset("mean", "baseline: predict the training mean of each gene")
+@_preset("mean", "baseline: predict the training mean of each gene", stored="sklearn.dummy:DummyRegressor")
 def _mean(device, seed):
     from sklearn.dummy import DummyRegressor
 
@@ -161,12 +164,17 @@ def is_plugin(name: str) -> bool:
     return name.startswith(PLUGIN_PREFIX)
 
 
+def gpu_heads() -> list[str]:
+    """The built-in heads that run on CUDA (those whose estimator takes a ``device``)."""
+    return [n for n, p in HEADS.items() if "device" in p.factory("cpu", 0).get_params(deep=False)]
+
+
 def make_head(name: str, device: str = "cpu", seed: int = 0, params: dict[str, Any] | None = None):
     """A fresh, unfitted estimator: preset ``name`` or ``sklearn:<module.Class>``, with ``params`` set."""
     params = dict(params or {})
     if is_plugin(name):
         cls = _plugin(name)
-        if device == "cuda" and not cls.__module__.startswith("cuml"):
+        if str(device).startswith("cuda") and not cls.__module__.startswith("cuml"):
             raise UsageError(f"--head {name} runs where its library runs it, not on CUDA; drop --device cuda "
                              "(or use cuML's estimator).")
         est = cls()
@@ -174,6 +182,9 @@ def make_head(name: str, device: str = "cpu", seed: int = 0, params: dict[str, A
             est.set_params(random_state=seed)
     else:
         est = HEADS.get(name).factory(device, seed)
+        if str(device).startswith("cuda") and "device" not in est.get_params(deep=False):
+            raise UsageError(f"--head {name} has no GPU path, and --device {device} never runs silently on the CPU; "
+                             f"use --device cpu (or auto), or a head with a GPU path: {', '.join(gpu_heads())}.")
     if params:
         valid = est.get_params(deep=False)
         unknown = sorted(set(params) - set(valid))

@@ -1,7 +1,8 @@
 """Fitted heads on disk without pickle: arrays in ``.npz``, everything else in JSON.
 
 Run and stack folders travel between people and machines, and unpickling a
-file runs whatever code it holds.  So the built-in estimators (``SAFE``) are
+file runs whatever code it holds.  So the built-in estimators (:func:`safe_classes`: each head declares its class in
+:mod:`regress.heads`; :data:`NOT_HEADS` the others) are
 stored as ``<stem>.json`` (class, constructor parameters, scalar fitted
 attributes) plus ``<stem>.npz`` (array attributes; loaded with
 ``allow_pickle=False``), and rebuilt from an allow-list of classes.  Only
@@ -22,11 +23,20 @@ import numpy as np
 
 from featurize.errors import RunError
 
-#: Class name -> module of the estimators stored without pickle.
-SAFE = {"RidgeHead": "regress.ridge", "PLSHead": "regress.pls", "MLPHead": "regress.mlp",
-        "ReducedRankRidgeHead": "regress.rrr", "KNNHead": "regress.knn",
-        "KernelRidgeHead": "regress.krr", "CrossGeneMap": "regress.crossgene",
-        "DummyRegressor": "sklearn.dummy", "Stack": "regress.stack"}
+#: The estimators stored without pickle that are not heads (the heads declare theirs in :mod:`regress.heads`).
+NOT_HEADS = {"CrossGeneMap": "regress.crossgene", "Stack": "regress.stack"}
+
+
+def safe_classes() -> dict[str, str]:
+    """Class name -> module of every estimator restored without pickle: each head's declared ``stored`` class
+    (:data:`regress.heads.HEADS`) and :data:`NOT_HEADS`."""
+    from regress.heads import HEADS
+
+    out = dict(NOT_HEADS)
+    for _, preset in HEADS.items():
+        module, cls = preset.stored.split(":")
+        out[cls] = module
+    return out
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -52,14 +62,17 @@ def _from_json(v: Any):
 
 def is_safe(est) -> bool:
     """True when ``est`` is one of the built-in classes stored without pickle."""
-    name = type(est).__name__
-    return name in SAFE and type(est).__module__ == SAFE[name]
+    name, safe = type(est).__name__, safe_classes()
+    return name in safe and type(est).__module__ == safe[name]
 
 
 def save_model(est, folder: str | os.PathLike, stem: str = "model") -> list[str]:
     """Write a fitted estimator into ``folder``; returns the file names written."""
     folder = Path(folder)
     if not is_safe(est):
+        if type(est).__module__.startswith("regress."):  # a built-in estimator must never fall back to pickle
+            raise RunError(f"{type(est).__module__}.{type(est).__name__} is a hexpress estimator without a declared "
+                           "way to store it; declare it (regress.heads `stored=`, or persist.NOT_HEADS).")
         import joblib
 
         joblib.dump(est, folder / f"{stem}.joblib")
@@ -105,10 +118,10 @@ def _checked_doc(doc_path: Path, doc) -> tuple[type, dict[str, Any]]:
     for key, typ in (("class", str), ("params", dict), ("state", dict), ("arrays", list)):
         if not isinstance(doc.get(key), typ):
             raise RunError(f"{doc_path}: '{key}' is missing or not a {typ.__name__} (damaged or edited); refit.")
-    cls_name = doc["class"]
-    if cls_name not in SAFE:
+    cls_name, safe = doc["class"], safe_classes()
+    if cls_name not in safe:
         raise RunError(f"{doc_path}: class {cls_name!r} is not one hexpress restores; refit with this version.")
-    cls = getattr(importlib.import_module(SAFE[cls_name]), cls_name)
+    cls = getattr(importlib.import_module(safe[cls_name]), cls_name)
     known = set(cls().get_params(deep=False))
     unknown = [k for k in doc["params"] if k not in known]
     if unknown:

@@ -27,6 +27,24 @@ from regress.runs import Run, open_result
 from regress.scales import assign_tables
 
 
+def _check_imported(train: dict, test: dict, path, b: dict, log) -> None:
+    """Imported embeddings come from other files for the test tiles, so their keys differ by design; what must
+    agree is what makes the numbers comparable: the backbone name, width, dtype, TTA and the patch size."""
+    ps = lambda k: (k.get("params") or {}).get("patch_size_level0")  # noqa: E731
+    checks = [("backbone", train["spec"].get("name"), test["spec"].get("name")),
+              ("embedding width", train["spec"].get("embed_dim"), test["spec"].get("embed_dim")),
+              ("dtype", train.get("dtype"), test.get("dtype")), ("TTA", train.get("tta"), test.get("tta"))]
+    if ps(train) is not None and ps(test) is not None:
+        checks.append(("patch size (level-0 px)", ps(train), ps(test)))
+    for what, a, t in checks:
+        if a != t:
+            raise CacheError(f"{path}: imported test features differ from the training cache {b['cache']} in their "
+                             f"{what} ({t!r}, trained on {a!r}); import the test embeddings from the same encoder.")
+    log(f"[predict] {b['backbone']}: test features imported from {test['spec'].get('architecture', '?')} "
+        f"(training: {train['spec'].get('architecture', '?')}); hexpress checks their width, dtype and patch size, "
+        "not that the same encoder made them.")
+
+
 def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size: int, log) -> np.ndarray:
     """The run's feature matrix for the test table, embedding what is missing."""
     blocks = []
@@ -49,6 +67,8 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
             if b["weights_source"] != "external-file" and a != t:
                 raise CacheError(f"{path}: test features were made with other settings than the training cache "
                                  f"{b['cache']} (backbone, weights, TTA, dtype or decoder differ); re-embed with the run's settings.")
+            if b["weights_source"] == "external-file":
+                _check_imported(a, t, path, b, log)
         missing = sorted(set(test.ids) - set(cache.ids))
         if missing:
             raise CacheError(f"{path}: no features for {len(missing)} test tiles (first: {missing[:3]}); "

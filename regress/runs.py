@@ -77,6 +77,32 @@ def jsonable(v):
     return v
 
 
+def run_identity_fields(*, table_rows: str, targets: str, group_col: str | None, caches: list[dict[str, Any]],
+                        head: str, params: dict[str, Any], folds: int, seed: int, grouped: bool, context: int,
+                        used_rows: str | None = None, **post: Any) -> dict[str, Any]:
+    """Everything that changes a fitted run's numbers (the one builder: in-memory and streamed fits).
+
+    ``caches``: each cache's info (``backbone``, ``fingerprint`` = key, ``table_fingerprint`` = content);
+    ``post``: the post-processing settings (``smooth``, ``center_slides``, ``cross_gene``, ``nested``), recorded
+    only when set so that runs without them keep the identity they had before these existed."""
+    return {
+        "format": RUN_FORMAT,
+        "table": {"rows": table_rows, **({"used_rows": used_rows} if used_rows is not None else {}),
+                  "targets": targets, "group_col": group_col},
+        "caches": [{"backbone": c["backbone"], "key": c["fingerprint"], "content": c["table_fingerprint"]} for c in caches],
+        "head": {"name": head, "params": {k: repr(v) for k, v in params.items()}},
+        "folds": {"n": folds, "seed": seed, "grouped": grouped},
+        "context": context,
+        **{k: v for k, v in post.items() if v},
+    }
+
+
+def stack_identity_fields(runs: list, method: str, alpha: float, center_folds: bool) -> dict[str, Any]:
+    """Everything that changes a stack's numbers: its runs' identities, the method, ridge's alpha, centring."""
+    return {"format": RUN_FORMAT, "runs": [r.info.get("identity") for r in runs], "method": method,
+            "alpha": alpha if method == "ridge" else None, **({"center_folds": True} if center_folds else {})}
+
+
 def identity_of(fields: dict[str, Any]) -> str:
     """sha256 of everything that changes a result's numbers."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=jsonable).encode()).hexdigest()

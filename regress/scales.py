@@ -14,7 +14,7 @@ import os
 from typing import Sequence
 
 from featurize.errors import RunError, TableError
-from featurize.importers.common import read_sidecar, tile_um_of
+from featurize.table import read_sidecar, tile_um_of
 from featurize.table import TileTable
 
 #: Tiles more than this far (relative) from a run's training tiles' physical size are not its tiles.

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from featurize import __version__
 from featurize.errors import UsageError
 from regress.runs import Run, open_result
 from regress.scales import distinct_sizes, run_tile_um, same_size
@@ -37,7 +36,7 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     from featurize.table import read_table
     from featurize.wsi import cut_slide, open_slide
     from regress.predict import predict_table
-    from regress.spatial import draw_gene_maps, write_h5ad
+    from regress.spatial import draw_gene_maps, provenance, write_h5ad
 
     import math
 
@@ -94,13 +93,8 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     import pandas as pd
 
     grid = pd.read_csv(table, usecols=["grid_row", "grid_col"]).to_numpy()
-    prov = {"run": str(Path(run).resolve()), "kind": res.kind, "slide_path": str(Path(slide).resolve()),
-            "tile_um": tile_um, "trained_tile_um": trained, "trained_tile_sizes_um": sizes, "mpp": img.mpp,
-            "mpp_source": img.mpp_source,
-            "n_tiles": len(t), "hexpress_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "backbones": [{"backbone": b["backbone"], "weights_sha256": b.get("weights_sha256"),
-                           "random_init": b.get("random_init")} for b in res.info.get("backbones", [])],
-            "random_init": bool(res.info.get("random_init"))}
+    prov = provenance(res, slide_path=str(Path(slide).resolve()), tile_um=tile_um, trained_tile_um=trained,
+                      trained_tile_sizes_um=sizes, mpp=img.mpp, mpp_source=img.mpp_source, n_tiles=len(t))
     X = df[gene_cols].to_numpy()
     path = write_h5ad(out, df["ID"].tolist(), gene_cols, X, xy=t.xy, symbols=symbols, slide=name, image=thumb,
                       image_scale=scale, spot_px=cut["tile_px_level0"], grid=grid, provenance=prov)

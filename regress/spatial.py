@@ -25,11 +25,27 @@ from featurize.atomic import atomic_path
 from featurize.errors import UsageError
 
 
+def provenance(res, **extra: Any) -> dict[str, Any]:
+    """The ``uns["hexpress"]`` provenance of predictions made by a run or stack ``res`` (one builder for
+    ``predict`` and ``predict-slide``): the folder, its kind, each backbone's weights, random-init, the version."""
+    import time
+
+    from featurize import __version__
+
+    return {"run": str(Path(res.path).resolve()), "kind": res.kind,
+            "backbones": [{"backbone": b.get("backbone"), "weights_sha256": b.get("weights_sha256"),
+                           "random_init": b.get("random_init")} for b in res.info.get("backbones", [])],
+            "random_init": bool(res.info.get("random_init")), "hexpress_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
 def write_h5ad(out: str | os.PathLike, ids: Sequence[str], genes: Sequence[str], X: np.ndarray, *,
-               xy: np.ndarray | None = None, symbols: Sequence[str] | None = None, slide: str | None = None,
+               xy: np.ndarray | None = None, symbols: Sequence[str] | None = None,
+               slide: str | Sequence[str] | np.ndarray | None = None,
                image: np.ndarray | None = None, image_scale: float | None = None, spot_px: float | None = None,
                grid: np.ndarray | None = None, provenance: dict[str, Any] | None = None) -> Path:
-    """Write the AnnData contract above; returns the path."""
+    """Write the AnnData contract above; returns the path.  ``slide``: one name for every tile (a whole slide),
+    or each tile's slide (a test table of several slides: one ``uns["spatial"]`` library per slide)."""
     import anndata
     import pandas as pd
 
@@ -39,19 +55,26 @@ def write_h5ad(out: str | os.PathLike, ids: Sequence[str], genes: Sequence[str],
     genes = [str(g) for g in genes]
     var = pd.DataFrame({"gene_ids": genes, "gene_symbols": [str(s) for s in (symbols or genes)]}, index=genes)
     obs = pd.DataFrame(index=pd.Index([str(i) for i in ids], name=None))
-    obs["slide"] = slide or "slide"
+    per_tile = slide is not None and not isinstance(slide, str)
+    slides = np.asarray(slide, dtype=str) if per_tile else np.full(len(obs), slide or "slide")
+    if len(slides) != len(obs):
+        raise UsageError(f"{out}: {len(slides)} slide names for {len(obs)} tiles.")
+    if per_tile and image is not None and len(set(slides)) > 1:
+        raise UsageError(f"{out}: one image cannot belong to {len(set(slides))} slides.")
+    obs["slide"] = pd.Categorical(slides)
     obs["in_tissue"] = 1
     if grid is not None:
         obs["array_row"], obs["array_col"] = np.asarray(grid[:, 0], int), np.asarray(grid[:, 1], int)
     ad = anndata.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=var)
     if xy is not None:
         ad.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
-        library = slide or "slide"
-        entry: dict[str, Any] = {"scalefactors": {"spot_diameter_fullres": float(spot_px or 1.0)}, "metadata": {}}
-        if image is not None:
-            entry["images"] = {"hires": np.asarray(image, dtype=np.uint8)}
-            entry["scalefactors"]["tissue_hires_scalef"] = float(image_scale or 1.0)
-        ad.uns["spatial"] = {library: entry}
+        ad.uns["spatial"] = {}
+        for library in dict.fromkeys(slides.tolist()):
+            entry: dict[str, Any] = {"scalefactors": {"spot_diameter_fullres": float(spot_px or 1.0)}, "metadata": {}}
+            if image is not None:
+                entry["images"] = {"hires": np.asarray(image, dtype=np.uint8)}
+                entry["scalefactors"]["tissue_hires_scalef"] = float(image_scale or 1.0)
+            ad.uns["spatial"][library] = entry
     prov = dict(provenance or {})
     flat = {k: (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)) for k, v in prov.items()
             if v is not None}

@@ -49,8 +49,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from featurize import __version__
 from featurize.errors import RunError, UsageError
+from regress.stack_methods import METHODS
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result,
+from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, stack_identity_fields,
                           write_run)
 
 
@@ -134,8 +135,6 @@ def _centered_within(A: np.ndarray, fold: np.ndarray) -> np.ndarray:
     return out
 
 
-#: The stack methods (see the module docstring).
-METHODS = ("nnls", "select", "shrink", "ridge", "cross-gene")
 
 #: Shrinkage of per-gene weights toward the global blend that ``select`` and ``shrink`` choose from (1 = per-gene
 #: weights only).
@@ -299,8 +298,7 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                     "pcc_gene_pooled": metrics["pcc_gene_mean"]})
     table_name = Path(runs[0].info["table"]["path"]).stem
     out = Path(out_dir) if out_dir else Path(runs[0].path).parent / f"stack-{table_name}"
-    fields = {"format": RUN_FORMAT, "runs": [r.info.get("identity") for r in runs], "method": method,
-              "alpha": alpha if method == "ridge" else None, **({"center_folds": True} if center_folds else {})}
+    fields = stack_identity_fields(runs, method, alpha, center_folds)
     info = {"format": RUN_FORMAT, "tool_version": __version__, "identity": identity_of(fields), "identity_fields": fields,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(Path(r.path).resolve()) for r in runs],
             "members": [{"run": str(Path(r.path).resolve()), "identity": r.info.get("identity"), "content": r.content}

@@ -24,7 +24,7 @@ import pandas as pd
 from featurize.atomic import atomic_path
 from featurize.errors import CacheError, TableError, UsageError
 from featurize.integrity import H5_ERRORS, Sealed, file_sha256, open_h5, seal
-from featurize.table import GROUP_CANDIDATES, META_COLUMNS
+from featurize.table import GROUP_CANDIDATES, META_COLUMNS, NOT_GENES, _sidecar_genes
 
 STREAM_ABOVE_FRACTION = 0.5
 ROWS = 8192
@@ -62,7 +62,9 @@ def targets_store(table_path: str | os.PathLike, cache_dir: str | os.PathLike, g
     if group_col and group_col not in header:
         raise TableError(f"{table_path}: --groups column '{group_col}' is not in the table.")
     meta = set(META_COLUMNS) | ({gcol} if gcol else set())
-    genes = [c for c in header if c not in meta]
+    listed = _sidecar_genes(table_path)
+    genes = [c for c in header if c in set(listed)] if listed is not None else \
+        [c for c in header if c not in meta and c not in NOT_GENES]
     if not genes:
         raise TableError(f"{table_path}: no gene columns to fit.")
     slide_col = next((c for c in ("slide", "section") if c in header), None)

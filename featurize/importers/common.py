@@ -21,7 +21,7 @@ from PIL import Image
 
 from featurize.errors import ImportDataError
 from featurize.images import large_images_allowed, to_rgb
-from featurize.table import write_csv_atomic
+from featurize.table import write_table
 
 NORMALIZATIONS = ("lognorm", "cpm", "log1p", "raw")
 
@@ -128,33 +128,6 @@ def select_genes(slides: list[Slide], normalized: list[np.ndarray], genes: list[
         idx = idx[np.sort(order)]
     report["kept_genes"] = int(len(idx))
     return [int(i) for i in idx], report
-
-
-def read_sidecar(table_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The importer's sidecar beside a tile table (``<name>.json``), or None for tables made elsewhere."""
-    side = Path(table_path).with_suffix(".json")
-    try:
-        doc = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return doc if isinstance(doc, dict) and doc.get("table") == Path(table_path).name else None
-
-
-def slide_images_of(sidecar: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Per slide, the image its tiles were cut from and its scale (image pixels per full-resolution pixel)."""
-    out = {}
-    for name, rep in ((sidecar or {}).get("slides") or {}).items():
-        if rep.get("image"):
-            out[name] = {"path": rep["image"], "scale": float(rep.get("image_scale", 1.0))}
-    return out
-
-
-def tile_um_of(sidecar: dict[str, Any] | None) -> float | None:
-    """The tiles' physical side (um) an importer recorded: the median over slides, or None."""
-    if not sidecar:
-        return None
-    vals = [s.get("tile_um") for s in sidecar.get("slides", {}).values() if s.get("tile_um")]
-    return float(np.median(vals)) if vals else None
 
 
 def read_gene_names(path: str | Path) -> dict[str, str]:
@@ -289,7 +262,7 @@ def build_table(slides: list[Slide], out_dir: str | os.PathLike, name: str, *, o
     if gene_names is not None:
         gene_report["symbols_found"] = len(symbols)
     sidecar = {"table": f"{name}.csv", "coordinates": COORDINATES, "normalize": normalize_mode, "out_px": out_px,
-               "genes": gene_report, "gene_names": symbols,
+               "genes": gene_report, "gene_columns": list(genes), "gene_names": symbols,
                "slides": {s.name: s.report for s in slides}, "n_tiles": len(table)}
     sidecar.update(extra or {})
     return switch_table(out_dir, name, table, sidecar)
@@ -321,7 +294,6 @@ def switch_table(out_dir: Path, name: str, table: pd.DataFrame, sidecar: dict[st
     """Put a finished import in place: the old table goes first (a kill from here on leaves no table that looks
     complete), then the sidecar and the table, each atomically; the old table's tile folders that no table in
     ``out_dir`` points at any more are removed last."""
-    from featurize.atomic import atomic_path
     from featurize.faults import point
 
     point("table-after-tiles")
@@ -333,12 +305,7 @@ def switch_table(out_dir: Path, name: str, table: pd.DataFrame, sidecar: dict[st
                 old_dirs.add(d.parent.resolve())
         except OSError:
             continue
-    if final.exists():
-        final.unlink()
-    with atomic_path(out_dir / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2, default=str))
-    point("table-between-sidecar-and-table")
-    out = write_csv_atomic(table, final)
+    out = write_table(table, final, sidecar)
     stale = old_dirs - _tile_dirs(out_dir, table["path"])
     if stale:
         for other in out_dir.glob("*.csv"):
