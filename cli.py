@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "cache, else a clearly labelled synthetic set), embed them with real ImageNet "
                                     "efficientnet_lite0 weights, fit ridge with leave-one-section-out CV and print "
                                     "the result next to a predict-the-mean baseline.")
-    sp.add_argument("--workdir", default="demo_data", help="where tiles, caches and runs go (default: %(default)s)")
+    sp.add_argument("--work-dir", "--workdir", dest="workdir", default="demo_data",
+                    help="where tiles, caches and runs go (default: %(default)s; --workdir is the old spelling)")
     sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sp.add_argument("--quick", action="store_true", help="two sections only (for tests)")
     sp.set_defaults(func=cmd_demo)

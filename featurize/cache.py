@@ -1,6 +1,7 @@
 """HDF5 embedding caches: one file per (table, backbone, weights, preprocessing, TTA), rows keyed by content.
 
-On-disk contract (``FORMAT_VERSION`` 2), ``<cache_dir>/<table stem>/<backbone>-<fp16>.h5``, where
+On-disk contract (``FORMAT_VERSION`` 2), ``<cache_dir>/<table stem>-<path8>/<backbone>-<fp16>.h5`` (``path8``: 8 hex
+of the table's resolved path, :attr:`featurize.table.TileTable.cache_folder`), where
 ``fp16`` is the start of the key fingerprint (everything that changes the numbers *except* the
 table: backbone spec, weight sha256 / random-init flag, TTA, stored dtype, compute precision,
 decoder (when not Pillow), import parameters):
@@ -627,15 +628,31 @@ def checked_cache_dir(cache_dir: str | os.PathLike) -> Path:
     return d
 
 
+def _table_dirs(cache_dir: str | os.PathLike, stem: str, own: str) -> list[Path]:
+    """The table's own cache folder first, then those of tables of the same name (other paths, and the
+    stem-only folder of releases before per-path folders)."""
+    base = checked_cache_dir(cache_dir)
+    others = sorted(p for p in base.glob(f"{_safe(stem)}-????????") if p.is_dir() and p.name != _safe(own))
+    legacy = base / _safe(stem)
+    return [base / _safe(own)] + others + ([legacy] if legacy.is_dir() else [])
+
+
+def sibling_caches(cache_dir: str | os.PathLike, table, filename: str) -> list[Path]:
+    """Complete caches named ``filename`` (same backbone and key) in the folders of other tables of the same name."""
+    return [d / filename for d in _table_dirs(cache_dir, table.name, table.cache_folder)[1:] if (d / filename).is_file()]
+
+
 def require_cache_files(table_path: str | os.PathLike, backbones, cache_dir: str | os.PathLike) -> None:
     """Refuse at once (before the table is read) when no cache file of a backbone exists for the table."""
-    if not Path(table_path).expanduser().is_file():
+    path = Path(table_path).expanduser()
+    if not path.is_file():
         return  # reading the table says what is wrong with it
-    folder = checked_cache_dir(cache_dir) / _safe(Path(table_path).stem)
+    src = path.resolve()
+    own = f"{src.stem}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
+    dirs = _table_dirs(cache_dir, src.stem, own)
     for b in backbones or ():
-        if not any(folder.glob(f"{_safe(b)}-*.h5")):
-            src = Path(table_path).expanduser().resolve()
-            raise CacheError(f"no cache for backbone '{b}' and table {src} under {folder}; "
+        if not any(any(d.glob(f"{_safe(b)}-*.h5")) for d in dirs):
+            raise CacheError(f"no cache for backbone '{b}' and table {src} under {dirs[0]}; "
                              f"run `python cli.py embed --data {src} --backbone {b}` first.")
 
 
@@ -647,7 +664,18 @@ def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
     or of an older format, or when several differ (e.g. TTA 1 and 8), naming
     them so the user can pass ``--cache FILE``.
     """
-    folder = checked_cache_dir(cache_dir) / _safe(table.name)
+    dirs = _table_dirs(cache_dir, table.name, table.cache_folder)
+    folder = dirs[0]
+    for other in dirs[1:]:  # no cache of this table's own: one of a table of the same name serves when fresh
+        if not any(folder.glob(f"{_safe(backbone)}-*.h5")) and any(other.glob(f"{_safe(backbone)}-*.h5")):
+            try:
+                return _find_in(other, table, backbone)
+            except CacheError:
+                continue
+    return _find_in(folder, table, backbone)
+
+
+def _find_in(folder: Path, table, backbone: str) -> Path:
     current, damaged, old = [], [], []
     for p in sorted(folder.glob(f"{_safe(backbone)}-*.h5")):
         if ".shard-" in p.name:  # shards of embed --shard: merged into the standard cache, never read as one

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import BackboneSpec, get_spec
-from featurize.cache import (CacheKey, CacheWriter, cache_path, checked_cache_dir, lock_path, plan_if_complete, read_attrs, update_stats,
+from featurize.cache import (CacheKey, CacheWriter, cache_path, checked_cache_dir, sibling_caches, lock_path, plan_if_complete, read_attrs, update_stats,
                              verify_cache)
 from featurize.device import resolve_device
 from featurize.digests import NO_STAT, read_with_digest, split_source
@@ -129,7 +129,7 @@ def final_cache_paths(table: TileTable, backbones: Sequence[str], *, weights: di
     """The standard cache file each backbone's embedding of ``table`` goes to (nothing is embedded)."""
     dev = resolve_device(device)
     decoder = resolve_decoder(decode, dev)
-    return [cache_path(cache_dir, _cache_key(table.name, name, weights or {}, random_init, tta, dtype, dev, decoder))
+    return [cache_path(cache_dir, _cache_key(table.cache_folder, name, weights or {}, random_init, tta, dtype, dev, decoder))
             for name in dict.fromkeys(backbones)]
 
 
@@ -282,7 +282,7 @@ def embed(
 
     jobs: list[_Job] = []
     for name in dict.fromkeys(backbones):
-        key = _cache_key(full.name, name, weights, random_init, tta, dtype, dev, decoder)
+        key = _cache_key(full.cache_folder, name, weights, random_init, tta, dtype, dev, decoder)
         final = cache_path(cache_dir, key)
         jobs.append(_Job(key.spec, key.weights, key, shard_path(final, *shard) if shard is not None else final))
 
@@ -317,21 +317,30 @@ def embed(
                 plan = plan_if_complete(table, whole)
                 if plan is not None:
                     previous[job.spec.name] = (whole, plan)
+            if previous[job.spec.name] is None and not job.final.exists():
+                # the same embedding of a table of the same name elsewhere (moved, copied, or from before
+                # per-path folders): its rows with the same ID and tile content are copied, not embedded again
+                for other in sibling_caches(cache_dir, table, job.final.name):
+                    plan = plan_if_complete(table, other)
+                    if plan is not None and len(plan.todo) < len(table):
+                        previous[job.spec.name] = (other, plan)
+                        break
             todo.append(job)
         if not todo:
             return [j.final for j in jobs]
         for job in todo:
-            mkey = (job.spec, job.weights, str(dev))
-            job.model = _MODELS.get(mkey) if keep_models else None
-            if job.model is None:
-                job.model = create_backbone(job.spec, job.weights).to(dev)
-                if keep_models:
-                    _MODELS[mkey] = job.model
             job.writer = CacheWriter(job.final, job.key, table.ids, job.spec.embed_dim, paths=paths,
                                      extra_attrs=shard_attrs)
             stack.callback(job.writer.close)
             resumed = job.writer.partial.exists()
             job.todo = job.writer.open(*(previous[job.spec.name] or (None, None)))
+            if len(job.todo):  # a job whose rows were all reused never builds its network
+                mkey = (job.spec, job.weights, str(dev))
+                job.model = _MODELS.get(mkey) if keep_models else None
+                if job.model is None:
+                    job.model = create_backbone(job.spec, job.weights).to(dev)
+                    if keep_models:
+                        _MODELS[mkey] = job.model
             n_done = len(table) - len(job.todo)
             if resumed and n_done and len(job.todo):
                 print(f"[embed] {job.spec.name}: resuming at row {int(job.todo[0])} ({n_done} of {len(table)} rows done)",

@@ -67,8 +67,14 @@ class TileTable:
 
     @property
     def name(self) -> str:
-        """Short name used for the cache folder: the file stem."""
+        """Short name of the table: the file stem (run names, slide names)."""
         return self.source.stem
+
+    @property
+    def cache_folder(self) -> str:
+        """The table's own cache folder name: the stem and 8 hex of the table's resolved path, so two tables named
+        alike in different folders never share (and evict) one cache file."""
+        return f"{self.source.stem}-{hashlib.sha256(str(self.source).encode()).hexdigest()[:8]}"
 
     def __len__(self) -> int:
         return len(self.ids)

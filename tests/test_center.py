@@ -70,7 +70,7 @@ def test_predict_centres_the_test_slides_on_their_own_tiles(syn_cache, tmp_path)
     df = pd.read_csv(table).drop(columns=[c for c in pd.read_csv(table).columns if c.startswith("GENE")])
     df.assign(ID="T" + df.ID).to_csv(test, index=False)
     got = predict_table(res.path, test, cache_dir=cache_dir, device="cpu")
-    X = read_cache(next((cache_dir / "test_center").glob("*.h5"))).features.astype(np.float64)
+    X = read_cache(next(cache_dir.glob("test_center-*/*.h5"))).features.astype(np.float64)
     expect = load_run(res.path).model().predict(slide_split(X, df.slide.to_numpy()))
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expect, rtol=1e-5, atol=1e-5)
 
@@ -80,7 +80,7 @@ def test_center_slides_needs_a_slide_column_and_no_stream(syn_cache, tmp_path):
     bare = table.parent / "no_slide.csv"
     pd.read_csv(table).drop(columns=["slide"]).to_csv(bare, index=False)
     with pytest.raises(TableError, match="--center-slides needs a slide column"):
-        load_training_data(bare, [], cache_files=[str(next(cache_dir.rglob("*.h5")))], center_slides=True)
+        load_training_data(bare, [], cache_files=[str(next(cache_dir.glob("train-*/*.h5")))], center_slides=True)
     with pytest.raises(UsageError, match="drop --stream"):
         fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path, stream=True,
                 center_slides=True)

@@ -58,6 +58,6 @@ def test_cache_commands(syn_cache):
     _, cache_dir = syn_cache
     out = run_cli("cache", "ls", "--cache-dir", cache_dir)
     assert "RANDOM-INIT" in out.stdout and "complete" in out.stdout
-    f = next(Path(cache_dir).rglob("*.h5"))
+    f = next(Path(cache_dir).glob("train-*/*.h5"))
     assert run_cli("cache", "verify", f).returncode == 0
     assert "fingerprint" in run_cli("cache", "info", f).stdout

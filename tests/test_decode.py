@@ -242,7 +242,7 @@ def test_cli_decode_flag_and_predict_reuses_the_training_decoder(mixed, tmp_path
     pd.read_csv(mixed).assign(ID=lambda d: "T" + d.ID).drop(columns="g").to_csv(test, index=False)
     assert cli.main(["predict", str(tmp_path / "run"), "--data", str(test), "--cache-dir", str(cache),
                      "--out", str(tmp_path / "sub.csv"), "--device", "cpu"]) == 0
-    made = [json.loads(read_attrs(c)["key_json"]).get("decoder", "pil") for c in cache.rglob("test/*.h5")]
+    made = [json.loads(read_attrs(c)["key_json"]).get("decoder", "pil") for c in cache.glob("test-*/*.h5")]
     assert made == ["torchvision-cpu"]  # the test tiles were decoded as the training tiles were
 
 

@@ -179,7 +179,7 @@ def test_non_finite_features_are_refused_at_write_and_at_read(tmp_path, syn_cach
     with pytest.raises(CacheError, match=r"1 rows give non-finite features \(first: b\).*--dtype float32"):
         w.write(np.arange(3), feats)
     w.close()
-    good = list(syn_cache[1].rglob("*.h5"))[0]
+    good = next(syn_cache[1].glob("train-*/*.h5"))
     shutil.copy(good, tmp_path / "nan.h5")
     with h5py.File(tmp_path / "nan.h5", "r+") as fh:
         fh["features"][7, 3] = np.nan
@@ -203,7 +203,7 @@ def test_foreign_and_truncated_files_are_refused(tmp_path, syn_cache):
         fh["data"] = np.zeros(3)
     with pytest.raises(CacheError, match="not a hexpress cache"):
         read_cache(tmp_path / "t" / "y.h5")
-    good = list(syn_cache[1].rglob("*.h5"))[0]
+    good = next(syn_cache[1].glob("train-*/*.h5"))
     data = good.read_bytes()
     (tmp_path / "t" / "trunc.h5").write_bytes(data[: len(data) // 3])
     with pytest.raises(CacheError):

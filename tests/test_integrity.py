@@ -61,7 +61,7 @@ def fit(world, runs, *extra, data=None):
 
 
 def the_cache(cache: Path) -> Path:
-    return next(p for p in (cache / "train").glob("*.h5") if ".shard-" not in p.name)
+    return next(p for p in cache.glob("train-*/*.h5") if ".shard-" not in p.name)
 
 
 def copy_cache(world, tmp_path) -> tuple[Path, Path]:
@@ -350,7 +350,7 @@ def test_context_needs_numeric_finite_positions(world, tmp_path, capsys):
     for name, x in (("text", ["left"] + df["x"].astype(str).tolist()[1:]), ("nan", [np.nan] + df["x"].tolist()[1:])):
         t = train.parent / f"train_{name}.csv"
         df.assign(x=x).to_csv(t, index=False)
-        shutil.copytree(cache / "train", cache / t.stem, dirs_exist_ok=True)  # same rows: the caches serve
+        shutil.copytree(the_cache(cache).parent, cache / t.stem, dirs_exist_ok=True)  # same rows: the caches serve
         capsys.readouterr()
         assert run(["fit", "--data", t, "--backbone", BB, "--cache-dir", cache, "--runs-dir", tmp_path / "r",
                     "--context", "2", "--folds", "4"]) == 2
@@ -579,7 +579,7 @@ def test_cache_merge_waits_for_the_cache_lock(world, tmp_path):
         assert run(["embed", "--data", train, "--backbone", BB, "--random-init", "--cache-dir", c, "--workers", "0",
                     "--quiet", "--shard", f"{i}/2", "--batch-size", "8"]) == 0
     assert not final.exists()
-    shard = next((c / "train").glob("*.shard-*.h5"))
+    shard = next(c.glob("train-*/*.shard-*.h5"))
     r = sub(["cache", "merge", shard])
     assert r.returncode == 2 and "another hexpress process" in one_error(r.stderr)
     holder.wait(timeout=30)
@@ -650,8 +650,8 @@ def test_a_killed_merge_leaves_no_cache_and_the_next_merge_finishes(world, tmp_p
         r = sub(["embed", "--data", train, "--backbone", BB, "--random-init", "--cache-dir", c, "--workers", "0",
                  "--quiet", "--shard", f"{i}/2", "--batch-size", "8"], env=env)
     assert r.returncode == -signal.SIGKILL  # the last shard's process was merging
-    assert not [p for p in (c / "train").glob("*.h5") if ".shard-" not in p.name]
-    shard = next((c / "train").glob("*.shard-*.h5"))
+    assert not [p for p in c.glob("train-*/*.h5") if ".shard-" not in p.name]
+    shard = next(c.glob("train-*/*.shard-*.h5"))
     assert run(["cache", "merge", shard]) == 0
     assert run(["cache", "verify", the_cache(c)]) == 0
 

@@ -43,12 +43,14 @@ def test_an_old_cache_fits_with_a_warning_and_embed_seals_it(old, tmp_path, caps
     assert run(["fit", "--data", table, "--backbone", "timm:test_vit", "--cache-dir", old / "cache", "--runs-dir",
                 tmp_path / "r", "--folds", "3", "--device", "cpu"]) == 0
     assert "cannot be verified" in capsys.readouterr().err
-    f = next((old / "cache" / "train").glob("*.h5"))
+    f = next((old / "cache" / "train").glob("*.h5"))  # the old release's stem-only folder
     assert run(["cache", "verify", f]) == 1
     assert "no checksums" in capsys.readouterr().out
     assert run(["embed", "--data", table, "--backbone", "timm:test_vit", "--random-init", "--cache-dir", old / "cache",
                 "--workers", "0", "--quiet"]) == 0
-    assert run(["cache", "verify", f]) == 0
+    assert "reused" in capsys.readouterr().err  # copied into the table's own folder, not embedded again
+    new = next((old / "cache").glob("train-*/*.h5"))
+    assert new.name == f.name and run(["cache", "verify", new]) == 0
 
 
 def test_a_same_settings_refit_of_an_old_run_keeps_its_identity(old, capsys):

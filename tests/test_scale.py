@@ -120,11 +120,11 @@ def test_cli_shards_and_merge(syn_table, tmp_path, capsys):
     # --keep-shards: two complete shards made apart (so neither process merged), merged by hand and kept
     for i in (0, 1):
         embed(syn_table, ["timm:test_vit"], cache_dir=tmp_path / f"part{i}", shard=(i, 2), **KW)
-    (tmp_path / "k" / "train").mkdir(parents=True)
     import shutil as sh
 
-    for f in tmp_path.glob("part*/train/*.shard-*.h5"):
-        sh.copy(f, tmp_path / "k" / "train" / f.name)
+    for f in tmp_path.glob("part*/train-*/*.shard-*.h5"):
+        (tmp_path / "k" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        sh.copy(f, tmp_path / "k" / f.parent.name / f.name)
     assert run(["cache", "merge", next((tmp_path / "k").rglob("*.shard-0001-of-0002.h5")), "--keep-shards"]) == 0
     assert len(list((tmp_path / "k").rglob("*.shard-*.h5"))) == 2
     _same_file(merged, next(p for p in (tmp_path / "k").rglob("*.h5") if ".shard-" not in p.name))
@@ -150,12 +150,14 @@ def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_p
     assert read_cache(pk).features.tobytes() == read_cache(loose).features.tobytes()
     with h5py.File(loose) as fa, h5py.File(pk) as fb:
         assert fa["digests"][()].tobytes() == fb["digests"][()].tobytes()  # same content identity
-    # the loose table's cache serves the packed table: nothing embedded
+    # the loose table's cache serves the packed table: its rows are copied into the packed table's own folder
+    # (two tables never share one file), nothing is embedded
     import featurize.extract as ex
 
     monkeypatch.setattr(ex, "create_backbone", lambda *a: pytest.fail("re-embedded"))
     shared = embed(packed, ["timm:test_vit"], cache_dir=tmp_path / "a", **KW)[0]
-    assert shared == loose
+    assert shared.name == loose.name and shared.parent != loose.parent
+    assert read_cache(shared).features.tobytes() == read_cache(loose).features.tobytes()
     from featurize.cache import verify_cache
 
     assert verify_cache(pk, deep=True) == []

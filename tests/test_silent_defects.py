@@ -63,7 +63,7 @@ def test_spatial_and_qc_columns_are_never_genes_and_fit_says_what_it_took(world,
     assert set(table.ignored) == {"in_tissue", "array_row", "pxl_row_in_fullres", "total_counts"}
     import shutil
 
-    shutil.copytree(cache / "train", cache / "train_qc", dirs_exist_ok=True)  # same rows: the cache serves
+    shutil.copytree(next(cache.glob("train-*")), cache / "train_qc", dirs_exist_ok=True)  # same rows: the cache serves
     capsys.readouterr()
     assert fit(world, tmp_path / "r", data=t) == 0
     out = capsys.readouterr().out
@@ -207,3 +207,22 @@ def test_every_head_declares_how_it_is_stored_and_none_falls_back_to_pickle(tmp_
     with pytest.raises(RunError, match="without a declared way to store it"):
         save_model(Undeclared(), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_two_tables_of_one_name_never_share_or_evict_a_cache(tmp_path, monkeypatch):
+    from featurize.cache import load_features
+    from featurize.extract import embed
+    from featurize.table import read_table
+
+    a = make_synthetic_table(tmp_path / "a", n=12, n_genes=2, size=24, seed=1)  # both are train.csv
+    b = make_synthetic_table(tmp_path / "b", n=12, n_genes=2, size=24, seed=2)
+    kw = dict(random_init=True, cache_dir=tmp_path / "c", progress=False, num_workers=0)
+    pa = embed(a, ["timm:test_vit"], **kw)[0]
+    pb = embed(b, ["timm:test_vit"], **kw)[0]
+    assert pa.parent != pb.parent and pa.parent.name.startswith("train-") and pa.exists() and pb.exists()
+    import featurize.extract as ex
+
+    monkeypatch.setattr(ex, "create_backbone", lambda *x: pytest.fail("embedded again: the cache was evicted"))
+    assert embed(a, ["timm:test_vit"], **kw)[0] == pa  # up to date, not re-embedded
+    fa, fb = (load_features(read_table(t), "timm:test_vit", tmp_path / "c") for t in (a, b))
+    assert fa.path == pa and fb.path == pb and not np.array_equal(fa.features, fb.features)

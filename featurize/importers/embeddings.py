@@ -297,7 +297,7 @@ def import_embeddings(source: str | Path, table: TileTable, backbone: str, cache
     params = {"files": [f.name for f in files], "match": sorted({v["by"] for v in report["files"].values()}),
               "id_prefix": id_prefix, "slide": slide, "patch_size_level0": patch_size_level0, "tolerance": tolerance,
               "allow_unmatched": allow_unmatched}
-    ckey = CacheKey(table.name, spec, weights, 1, "float32", params=json.dumps(params, sort_keys=True))
+    ckey = CacheKey(table.cache_folder, spec, weights, 1, "float32", params=json.dumps(params, sort_keys=True))
     writer = CacheWriter(cache_path(cache_dir, ckey), ckey, table.ids, spec.embed_dim,
                          extra_attrs={"import_report": json.dumps(report, default=str)})
     writer.open()
