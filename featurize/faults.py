@@ -3,8 +3,8 @@
 ``HEXPRESS_FAULT=<point>`` kills the process with SIGKILL when it reaches ``<point>``;
 ``HEXPRESS_PAUSE=<point>:<seconds>`` sleeps there (to line up a race).  Unset, a point costs one
 environment lookup.  Points: ``run-before-swap``, ``run-between-renames``, ``run-after-swap`` (run and
-stack folders, :mod:`regress.runs`), ``table-after-tiles``, ``table-between-sidecar-and-table``
-(importers), ``merge-mid`` (``cache merge``), ``embed-mid`` (after the first batch is written).
+stack folders, :mod:`regress.runs`), ``table-after-tiles`` (importers), ``table-between-sidecar-and-table``
+(:func:`featurize.table.write_table`), ``merge-mid`` (``cache merge``, after its first block of rows).
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def max_tile_bytes() -> int:
 
 
 def regular_size(path: str | os.PathLike, error: Callable[[str], Exception], what: str = "tile") -> int:
-    """Size of ``path``, refusing anything but a regular file (a FIFO, device or folder) and files over the cap."""
+    """Size of ``path``, refusing anything but a regular file (a FIFO, a device, a folder) before it is opened."""
     p = Path(path)
     try:
         st = os.stat(p)
@@ -113,8 +113,9 @@ def _plain(fh, path: Path, error) -> None:
             link = group.get(name, getlink=True)
             full = f"{prefix}{name}"
             if not isinstance(link, h5py.HardLink):
-                raise error(f"{path}: '{full}' is {type(link).__name__.replace('Link', '').lower()} link, not data stored "
-                            "in the file; hexpress reads only plain datasets inside the file: rebuild it with hexpress.")
+                kind = {"SoftLink": "a soft", "ExternalLink": "an external"}.get(type(link).__name__, "a non-hard")
+                raise error(f"{path}: '{full}' is {kind} link, not data stored in the file; hexpress reads only plain "
+                            "datasets inside the file: rebuild it with hexpress.")
             obj = group[name]
             if isinstance(obj, h5py.Group):
                 walk(obj, full + "/")
