@@ -56,7 +56,7 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from featurize.extract import embed
+    from featurize.extract import EmbedConfig, run_embed
 
     if args.engine == "ray":
         from featurize.ray_engine import embed_ray
@@ -73,12 +73,13 @@ def cmd_embed(args) -> int:
         return 0
     if args.address or args.shards:
         raise HexpressError("--address and --shards go with --engine ray.")
-    paths = embed(
-        args.data, args.backbone, weights=_weights_arg(args.weights, args.backbone), random_init=args.random_init,
-        tta=args.tta, device=args.device, batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
-        cache_dir=args.cache_dir, skip_bad=args.skip_bad, progress=not args.quiet, wait_s=args.wait,
-        shard=_shard_arg(args.shard), decode=args.decode,
+    config = EmbedConfig(
+        args.data, tuple(args.backbone), weights=_weights_arg(args.weights, args.backbone),
+        random_init=args.random_init, tta=args.tta, device=args.device, batch_size=args.batch_size,
+        num_workers=args.workers, dtype=args.dtype, cache_dir=args.cache_dir, skip_bad=args.skip_bad,
+        progress=not args.quiet, wait_s=args.wait, shard=_shard_arg(args.shard), decode=args.decode,
     )
+    paths = run_embed(config)
     for p in paths:
         print(p)
     return 0
@@ -148,17 +149,16 @@ def _head_params(args) -> dict:
 
 
 def cmd_fit(args) -> int:
-    from regress.fit import fit_run
+    from regress.fit import FitConfig, fit
 
-    if args.backbone and args.cache:
-        raise HexpressError("--backbone and --cache contradict each other; name the features one way.")
     group_col, use_groups = _groups_arg(args.groups)
-    res = fit_run(args.data, args.backbone or [], args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
-                  cache_files=args.cache, folds=args.folds, group_col=group_col, use_groups=use_groups,
-                  seed=args.seed, device=args.device, name=args.name, context=args.context,
-                  head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream, smooth=args.smooth,
-                  center_slides=args.center_slides, cross_gene=args.cross_gene,
-                  nested=args.nested)
+    config = FitConfig(args.data, tuple(args.backbone or ()), args.head, cache_dir=args.cache_dir,
+                       runs_dir=args.runs_dir, cache_files=args.cache, folds=args.folds, group_col=group_col,
+                       use_groups=use_groups, seed=args.seed, device=args.device, name=args.name, context=args.context,
+                       head_params=_head_params(args), overwrite=args.overwrite, stream=args.stream,
+                       smooth=args.smooth, center_slides=args.center_slides, cross_gene=args.cross_gene,
+                       nested=args.nested)
+    res = fit(config)
     m = res.metrics
     _print_table([{"head": args.head, "PCC/gene by fold": f"{m['pcc_gene_mean_by_fold']:.4f}",
                    "PCC/gene pooled": f"{m['pcc_gene_mean']:.4f}", "median pooled": f"{m['pcc_gene_median']:.4f}",
@@ -297,6 +297,7 @@ def cmd_import_embeddings(args) -> int:
 
 
 def cmd_stack(args) -> int:
+    from featurize.log import debug
     from regress.stack import stack_runs
 
     runs = list(args.runs or [])
@@ -314,7 +315,9 @@ def cmd_stack(args) -> int:
     if args.alpha is not None and args.method != "ridge":
         raise HexpressError(f"--alpha is the ridge stacker's penalty; it does nothing with --method {args.method}.")
     res = stack_runs(runs, out_dir=args.out, method=args.method, alpha=1.0 if args.alpha is None else args.alpha,
-                     overwrite=args.overwrite, center_folds=args.center_folds)
+                     overwrite=args.overwrite, center_folds=args.center_folds, log=debug)
+    for row in res.summary:  # the result: to stdout
+        print(f"{row['run']}: PCC/gene by fold {row['pcc_gene_by_fold']:.4f}, pooled {row['pcc_gene_pooled']:.4f}")
     print(f"stack written to {res.path}")
     return 0
 
@@ -502,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "on CPU (default). Part of the cache key: the decoders differ by a few grey levels")
     sp.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and list them next to the cache")
     sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another process holding the cache lock")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     sp.add_argument("--shard", metavar="I/N", default=None,
                     help="embed only shard I of N (contiguous rows on batch boundaries) into its own cache file; the "
                          "process that completes the last shard merges them (or: cache merge)")
@@ -640,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work-dir", default=None, help="where the slide's tiles and tile table go (default: <out>_tiles)")
     sp.add_argument("--cache-dir", default=DEFAULT_CACHE, help="embedding cache folder (default: %(default)s)")
     predict_args(sp)
-    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     sp.set_defaults(func=cmd_predict_slide)
 
     sp = sub.add_parser("report", help="Markdown report with histogram, best/worst genes and a spatial map",
@@ -649,7 +652,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gene", help="gene for the spatial map (default: the best-predicted)")
     sp.add_argument("--slide", help="slide for the spatial map (default: the largest)")
     sp.set_defaults(func=cmd_report)
+    _add_verbosity(p)
     return p
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose`` on every command (the leaves of the subcommand tree), one meaning everywhere."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _add_verbosity(sp)
+            return
+    opts = {o for a in parser._actions for o in a.option_strings}
+    if "--quiet" not in opts:
+        parser.add_argument("--quiet", action="store_true", help="warnings and errors only (no step-by-step lines)")
+    if "--verbose" not in opts:
+        parser.add_argument("--verbose", action="store_true", help="also show the debug lines")
 
 
 def _quiet_h5py_teardown(unraisable) -> None:
@@ -671,6 +689,9 @@ def _quiet_h5py_excepthook(kind, value, tb) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from featurize.log import configure
+
+    configure(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     sys.unraisablehook = _quiet_h5py_teardown
     sys.excepthook = _quiet_h5py_excepthook
     try:

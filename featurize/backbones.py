@@ -24,6 +24,7 @@ from functools import cache
 from typing import Any
 
 from featurize.errors import BackboneError
+from featurize.log import warn
 from featurize.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,7 +166,10 @@ def _variant_spec(name: str, base_name: str, stages: bool, size: int) -> Backbon
                             f"'{base.pooling}'.")
     import torch
 
-    from featurize.models import build_model, embedding_dim  # local: models imports this module
+    from featurize.models import (  # local: models imports this module
+        build_model,
+        embedding_dim,
+    )
 
     try:
         with torch.random.fork_rng(devices=[]):
@@ -200,9 +204,8 @@ def _timm_spec(name: str) -> BackboneSpec:
     if cfg is None:
         notes = ("timm has no pretrained config for this model: ImageNet mean/std, 224 px and bicubic resizing "
                  "were assumed (check them against the weights you load)")
-        import sys
 
-        print(f"warning: backbone '{name}': {notes}.", file=sys.stderr)
+        warn(f"backbone '{name}': {notes}.")
     return BackboneSpec(
         name=name,
         architecture=model_name.split(".")[0],

@@ -41,9 +41,24 @@ import numpy as np
 
 from featurize import __version__
 from featurize.backbones import BackboneSpec
-from featurize.digests import DIGEST_DTYPE, NO_STAT, RowPlan, content_fingerprint, file_digest, plan_rows
+from featurize.digests import (
+    DIGEST_DTYPE,
+    NO_STAT,
+    RowPlan,
+    content_fingerprint,
+    file_digest,
+    plan_rows,
+)
 from featurize.errors import CacheError
-from featurize.integrity import CHECKSUMS, H5_ERRORS, Sealed, open_h5, reseal_dataset, seal
+from featurize.integrity import (
+    CHECKSUMS,
+    H5_ERRORS,
+    Sealed,
+    open_h5,
+    reseal_dataset,
+    seal,
+)
+from featurize.log import warn
 from featurize.weights import ResolvedWeights
 
 FORMAT_VERSION = 2
@@ -446,10 +461,9 @@ def warn_unsealed(path: Path, attrs: dict[str, Any]) -> None:
     """Say once per file that a cache from before checksums is read unverified."""
     if not attrs.get("sealed") and str(path) not in _WARNED:
         _WARNED.add(str(path))
-        import sys
 
-        print(f"warning: {path}: written before hexpress stored checksums, so its contents cannot be verified; "
-              "rerun embed (no tile is embedded again) to add them.", file=sys.stderr)
+        warn(f"{path}: written before hexpress stored checksums, so its contents cannot be verified; "
+              "rerun embed (no tile is embedded again) to add them.")
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:

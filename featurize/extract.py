@@ -24,20 +24,30 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import BackboneSpec, get_spec
-from featurize.cache import (CacheKey, CacheWriter, cache_path, checked_cache_dir, sibling_caches, lock_path, plan_if_complete, read_attrs, update_stats,
-                             verify_cache)
+from featurize.cache import (
+    CacheKey,
+    CacheWriter,
+    cache_path,
+    checked_cache_dir,
+    lock_path,
+    plan_if_complete,
+    read_attrs,
+    sibling_caches,
+    update_stats,
+    verify_cache,
+)
+from featurize.decode import plain_jpeg_size, resolve_decoder
 from featurize.device import resolve_device
 from featurize.digests import NO_STAT, read_with_digest, split_source
 from featurize.errors import CacheError, ImageError, UsageError
-from featurize.decode import plain_jpeg_size, resolve_decoder
 from featurize.images import load_rgb
 from featurize.lock import file_lock
-from featurize.table import TileTable, read_table
-from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
+from featurize.log import say, warn
 from featurize.models import create_backbone, extract
 from featurize.pipeline import Stager, WriteBehind, to_host
+from featurize.table import TileTable, read_table
+from featurize.transforms import DIHEDRAL, dihedral, normalize, resize_uint8
 from featurize.weights import ResolvedWeights, resolve_weights
-
 
 #: Digest recorded for a tile that could not be read: never equal to a real one, so it is retried once it exists.
 UNREADABLE = "unreadable"
@@ -200,7 +210,7 @@ def _embed_batch(job: _Job, batch_u8, device, tta: int, micro: list[int]):
                 raise
             micro[0] //= 2
             torch.cuda.empty_cache()
-            print(f"[embed] CUDA out of memory: batch size halved to {micro[0]}", file=sys.stderr)
+            warn(f"[embed] CUDA out of memory: batch size halved to {micro[0]}")
 
 
 def _write_rows(writer: CacheWriter, rows: np.ndarray, good: np.ndarray, out, dim: int, digests, stats) -> None:
@@ -212,6 +222,49 @@ def _write_rows(writer: CacheWriter, rows: np.ndarray, good: np.ndarray, out, di
             event.synchronize()
         feats[good] = host.numpy()
     writer.write(rows, feats, good, digests, stats)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """One embedding pass, refused when made if a setting cannot mean anything (the CLI builds one from its flags;
+    a runner from a recipe).  ``shard=(I, N)`` embeds only shard I of N (:mod:`featurize.shards`); ``decode``
+    chooses the decoder (:mod:`featurize.decode`; part of the key); ``max_batches`` stops early (testing
+    interruption); ``wait_s``: how long to wait for another process's lock on a cache."""
+
+    data: Any
+    backbones: tuple[str, ...]
+    weights: dict[str, str] | None = None
+    random_init: bool = False
+    tta: int = 1
+    device: str = "auto"
+    batch_size: int = 64
+    num_workers: int | None = None
+    dtype: str = "float16"
+    cache_dir: str | os.PathLike = "cache"
+    skip_bad: bool = False
+    progress: bool = True
+    wait_s: float = 0.0
+    max_batches: int | None = None
+    shard: tuple[int, int] | None = None
+    keep_models: bool = False
+    decode: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backbones", tuple(dict.fromkeys(self.backbones or ())))
+        if not self.backbones:
+            raise UsageError("name at least one backbone: --backbone NAME (repeatable; `python cli.py backbones`).")
+        if self.tta not in (1, DIHEDRAL):
+            raise UsageError(f"--tta must be 1 or {DIHEDRAL}, got {self.tta}.")
+        if self.dtype not in ("float16", "float32"):
+            raise UsageError(f"--dtype must be float16 or float32, got {self.dtype}.")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UsageError(f"--workers {self.num_workers}: the number of decoding processes must be 0 (decode in "
+                             "this process) or more.")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise UsageError(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= I < N.")
+        checked_cache_dir(self.cache_dir)
 
 
 def embed(
@@ -245,22 +298,26 @@ def embed(
     then left for the next run to resume.  ``decode`` chooses the decoder
     (:mod:`featurize.decode`; part of the key).  ``stats``, when given, is
     filled with the run's timings (first-batch latency, steady rate) and how
-    many tiles each decoder produced.
+    many tiles each decoder produced.  The keyword form of :func:`run_embed`.
     """
+    return run_embed(EmbedConfig(data, tuple(backbones), weights=weights, random_init=random_init, tta=tta,
+                                 device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype,
+                                 cache_dir=cache_dir, skip_bad=skip_bad, progress=progress, wait_s=wait_s,
+                                 max_batches=max_batches, shard=shard, keep_models=keep_models, decode=decode),
+                     stats=stats)
+
+
+def run_embed(config: EmbedConfig, stats: dict | None = None) -> list[Path]:
+    """Embed every tile of ``config.data`` with each backbone (see :func:`embed`); returns the cache paths."""
     import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    if tta not in (1, DIHEDRAL):
-        raise UsageError(f"--tta must be 1 or {DIHEDRAL}, got {tta}.")
-    if dtype not in ("float16", "float32"):
-        raise UsageError(f"--dtype must be float16 or float32, got {dtype}.")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1.")
-    if num_workers is not None and num_workers < 0:
-        raise UsageError(f"--workers {num_workers}: the number of decoding processes must be 0 (decode in this "
-                         "process) or more.")
-    checked_cache_dir(cache_dir)
+    c = config
+    data, backbones, weights, random_init, tta, device = c.data, c.backbones, c.weights, c.random_init, c.tta, c.device
+    batch_size, num_workers, dtype, cache_dir, skip_bad = c.batch_size, c.num_workers, c.dtype, c.cache_dir, c.skip_bad
+    progress, wait_s, max_batches, shard, keep_models, decode = (c.progress, c.wait_s, c.max_batches, c.shard,
+                                                                 c.keep_models, c.decode)
     t_call = time.perf_counter()
     full = data if isinstance(data, TileTable) else read_table(data)
     dev = resolve_device(device)
@@ -300,17 +357,16 @@ def embed(
                     plan = None
                 if plan is not None and plan.identical() and sealed:
                     update_stats(job.final, plan.new_stats)
-                    print(f"[embed] {job.spec.name}: up to date, {job.final}", file=sys.stderr)
+                    say(f"[embed] {job.spec.name}: up to date, {job.final}")
                     continue
                 if plan is not None:  # its rows are reused, from this plan (tiles are not hashed twice)
                     previous[job.spec.name] = (job.final, plan)
                     if not sealed:
-                        print(f"[embed] {job.spec.name}: {job.final.name} has no checksums (an older hexpress): "
-                              "copying its rows into a checksummed file", file=sys.stderr)
+                        warn(f"[embed] {job.spec.name}: {job.final.name} has no checksums (an older hexpress): "
+                              "copying its rows into a checksummed file")
                 else:
                     problem = (problems or verify_cache(job.final) or ["unreadable"])[0]
-                    print(f"[embed] {job.spec.name}: {job.final.name} is damaged ({problem}); rebuilding it",
-                          file=sys.stderr)
+                    warn(f"[embed] {job.spec.name}: {job.final.name} is damaged ({problem}); rebuilding it")
                     job.final.unlink()
             elif shard is not None:  # a shard reuses the rows of an existing standard cache
                 whole = cache_path(cache_dir, job.key)
@@ -343,13 +399,12 @@ def embed(
                         _MODELS[mkey] = job.model
             n_done = len(table) - len(job.todo)
             if resumed and n_done and len(job.todo):
-                print(f"[embed] {job.spec.name}: resuming at row {int(job.todo[0])} ({n_done} of {len(table)} rows done)",
-                      file=sys.stderr)
+                say(f"[embed] {job.spec.name}: resuming at row {int(job.todo[0])} ({n_done} of {len(table)} rows done)")
             elif job.writer.reused:
-                print(f"[embed] {job.spec.name}: {job.writer.reused} rows reused from {job.final.name} (same ID and tile "
-                      f"content), {len(job.todo)} to embed", file=sys.stderr)
+                say(f"[embed] {job.spec.name}: {job.writer.reused} rows reused from {job.final.name} (same ID and tile "
+                      f"content), {len(job.todo)} to embed")
             if job.weights.random_init:
-                print(f"[embed] {job.spec.name}: RANDOM-INIT weights (asked for); recorded in the cache.", file=sys.stderr)
+                warn(f"[embed] {job.spec.name}: RANDOM-INIT weights (asked for); recorded in the cache.")
         n = len(table)
         need = np.zeros((len(todo), n), dtype=bool)
         for k, job in enumerate(todo):
@@ -418,7 +473,7 @@ def embed(
             for job in todo:
                 report = job.final.with_name(job.final.name + ".skipped.txt")
                 report.write_text("".join(f"{table.ids[i]}\t{table.paths[i]}\t{e}\n" for i, e in skipped))
-            print(f"[embed] skipped {len(skipped)} unreadable tiles (--skip-bad); list next to each cache (*.skipped.txt).", file=sys.stderr)
+            warn(f"[embed] skipped {len(skipped)} unreadable tiles (--skip-bad); list next to each cache (*.skipped.txt).")
         for job in todo:
             job.writer.finalize()
     if shard is not None:
@@ -444,8 +499,8 @@ def _report(stats: dict | None, t_call: float, writes: WriteBehind, stager: Stag
     how = f"; decoded on the device ({decoder}): {counts['device']:,}, by Pillow: {counts['pil'] + counts['fallback']:,}" \
         + (f" ({counts['fallback']:,} after the device decoder refused them)" if counts["fallback"] else "") \
         if decoder != "pil" else ""
-    print(f"[embed] {rows:,} tiles in {now - t_call:.1f} s: first batch after {first:.1f} s (model build, device "
-          f"init){rate}{how}", file=sys.stderr)
+    say(f"[embed] {rows:,} tiles in {now - t_call:.1f} s: first batch after {first:.1f} s (model build, device "
+          f"init){rate}{how}")
 
 
 def _merge_if_last(final: Path, table: TileTable, wait_s: float) -> Path | None:
@@ -460,5 +515,5 @@ def _merge_if_last(final: Path, table: TileTable, wait_s: float) -> Path | None:
         if "another hexpress process" in str(exc):
             return None  # another shard's process is merging right now
         raise
-    print(f"[embed] all shards done: merged {path}", file=sys.stderr)
+    say(f"[embed] all shards done: merged {path}")
     return path

@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from featurize.atomic import atomic_path
-from featurize.integrity import read_regular
 from featurize.errors import ImageError, TableError, UsageError
+from featurize.integrity import read_regular
 from featurize.table import read_table, write_csv_atomic
 
 

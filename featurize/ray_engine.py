@@ -13,13 +13,13 @@ a single-process ``embed``.  Ray is optional: ``pip install -e ".[ray]"``.
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
 from featurize.errors import UsageError
 from featurize.lock import file_lock
+from featurize.log import say
 
 MAX_ATTEMPTS = 3
 
@@ -82,8 +82,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
             pending = list(range(count))
             attempts = {i: 0 for i in range(count)}
             running: dict[Any, tuple[int, Any]] = {}
-            bar = tqdm(total=len(table), unit="tile", disable=not progress, desc="embed (ray)", dynamic_ncols=True,
-                       file=sys.stderr)
+            bar = tqdm(total=len(table), unit="tile", disable=not progress, desc="embed (ray)", dynamic_ncols=True)
             free = list(actors)
             written: list[Path] = []
             try:
@@ -104,8 +103,7 @@ def embed_ray(data: str | os.PathLike, backbones: Sequence[str], *, address: str
                         if attempts[i] >= MAX_ATTEMPTS:
                             raise UsageError(f"shard {i}/{count} failed {attempts[i]} times ({type(exc).__name__}); "
                                              "see the Ray logs, then rerun: finished shards are kept.") from exc
-                        print(f"[embed] shard {i}/{count}: actor died ({type(exc).__name__}); resuming it",
-                              file=sys.stderr)
+                        say(f"[embed] shard {i}/{count}: actor died ({type(exc).__name__}); resuming it")
                         pending.insert(0, i)
                     free.append(actor)  # Ray restarts a dead actor (max_restarts)
             finally:

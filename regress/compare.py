@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from featurize.atomic import atomic_path
+from featurize.log import say
 from featurize.table import read_table
 from regress.fit import fit_run
 from regress.training import load_training_data
@@ -14,7 +15,7 @@ from regress.training import load_training_data
 
 def compare(data, backbones: Sequence[str], heads: Sequence[str], *, cache_dir="cache", runs_dir="runs",
             folds: int = 5, group_col: str | None = None, use_groups: bool = True, seed: int = 0,
-            device: str = "cpu", out: str | None = None, log=print, context: int = 0,
+            device: str = "cpu", out: str | None = None, log=say, context: int = 0,
             head_params: dict | None = None, overwrite: bool = False, smooth: int = 0,
             center_slides: bool = False, cross_gene: bool = False) -> tuple[list[dict], Path]:
     """Fit every head on every backbone; returns table rows and the PNG path."""

@@ -20,13 +20,13 @@ from pathlib import Path
 
 def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", quick: bool = False) -> int:
     from featurize.datasets import download_her2st, find_her2st, user_cache
+    from featurize.device import resolve_device
     from featurize.extract import embed
     from featurize.importers.st import import_st
+    from featurize.log import say
     from featurize.synthetic import make_synthetic_table
     from featurize.table import read_table
     from regress.fit import fit_run
-
-    from featurize.device import resolve_device
 
     resolve_device(device)  # a device that is not there is an error before anything is written
     work = Path(workdir)
@@ -56,8 +56,9 @@ def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", qui
                                       ("ridge +cc", lite0, "ridge", cc), ("ridge-rr +cc", lite0, "ridge-rr", cc),
                                       ("ridge-rr +cc +s2x", best, "ridge-rr", cc),
                                       ("ridge +cc +s2x +cg", best, "ridge", {**cc, "cross_gene": True})):
+        say(f"[demo] fit {len(results) + 1} of 6: {label}")  # each fit reports its folds: a long demo is never silent
         res = fit_run(t, [backbone], head, cache_dir=cache, runs_dir=runs, folds=n_groups,
-                      device="cpu", log=lambda *a: None, overwrite=True, **kw)
+                      device="cpu", log=say, overwrite=True, **kw)
         results[label] = res
     unit = "synthetic group" if synthetic else "section"
     print(f"\n{'head':18s} {'PCC/gene (each held-out ' + unit + ')':>34s} {'PCC/tile':>9s}  run")

@@ -13,12 +13,26 @@ import numpy as np
 
 from featurize import __version__
 from featurize.errors import UsageError
+from featurize.log import say
 from featurize.table import read_sidecar, slide_images_of, tile_um_of
-from regress.cv import accepts_groups, cross_val_predict_groups, fold_labels, make_splits
+from regress.cv import (
+    accepts_groups,
+    cross_val_predict_groups,
+    fold_labels,
+    make_splits,
+)
 from regress.heads import is_plugin, make_head
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import (RUN_FORMAT, RunData, digest_array, identity_of, jsonable, refuse_other_identity,
-                          run_identity_fields, write_run)
+from regress.runs import (
+    RUN_FORMAT,
+    RunData,
+    digest_array,
+    identity_of,
+    jsonable,
+    refuse_other_identity,
+    run_identity_fields,
+    write_run,
+)
 from regress.training import TrainingData, cache_info, load_training_data
 
 
@@ -50,34 +64,78 @@ def check_fit_settings(folds, context: int, smooth: int) -> None:
         raise UsageError(f"--smooth {smooth}: the number of neighbours must be 0 (none) or more.")
 
 
-def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="cache", runs_dir="runs",
-            cache_files: Sequence[str] | None = None, folds: int = 5, group_col: str | None = None,
-            use_groups: bool = True, seed: int = 0, device: str = "cpu", name: str | None = None,
-            command: str | None = None, log=print, training: TrainingData | None = None,
-            context: int = 0, head_params: dict[str, Any] | None = None, overwrite: bool = False,
-            stream: bool | None = None, smooth: int = 0, center_slides: bool = False,
-            cross_gene: bool = False, nested: bool = False) -> RunResult:
-    """Cross-validate ``head`` on the cached features, refit on all rows, write the run folder.
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything one fit needs, refused when made if it cannot mean anything (the CLI builds one from its
+    flags; a runner can build one from a recipe): the same rules for every caller.
 
-    An existing folder of the same name with another identity (different
-    folds, seed, grouping, head parameters, table or caches) is refused
-    unless ``overwrite``.  ``stream`` fits from disk in row chunks (:mod:`regress.stream`; ridge heads);
-    ``None`` chooses it when the table file alone is larger than half the machine's memory.
-    ``cross_gene`` and ``smooth`` post-process the head's predictions (in that order), their settings chosen
-    by nested CV (:mod:`regress.post`).  ``nested`` keeps each outer fold's inner out-of-fold predictions in
-    the run (the head refitted on every inner fold), which ``stack --method cross-gene`` learns from.
-    """
-    check_fit_settings(folds, context, smooth)
-    if smooth and stream:
-        raise UsageError("--smooth needs the predictions in memory; drop --stream.")
-    if center_slides and stream:
-        raise UsageError("--center-slides needs the features in memory; drop --stream.")
-    if (cross_gene or nested) and stream:
-        raise UsageError(f"{'--cross-gene' if cross_gene else '--nested'} refits the head inside every fold in "
-                         "memory; drop --stream.")
-    if nested and (cross_gene or smooth):
-        raise UsageError("--nested keeps the head's own inner predictions for stacking; fit it without "
-                         "--cross-gene and --smooth (stack --method cross-gene applies the cross-gene map itself).")
+    ``data``: the tile table (path or :class:`TileTable`); ``backbones`` or ``cache_files``: the features;
+    ``stream``: fit from disk in row chunks (:mod:`regress.stream`; ridge and PLS heads), ``None`` chooses it when
+    the table file alone is larger than half the machine's memory; ``cross_gene`` and ``smooth`` post-process the
+    head's predictions (in that order), their settings chosen by nested CV (:mod:`regress.post`); ``nested`` keeps
+    each outer fold's inner out-of-fold predictions (what ``stack --method cross-gene`` learns from); an existing
+    run of the same name with another identity is replaced only with ``overwrite``."""
+
+    data: Any
+    backbones: tuple[str, ...] = ()
+    head: str = "ridge"
+    cache_dir: str | os.PathLike = "cache"
+    runs_dir: str | os.PathLike = "runs"
+    cache_files: tuple[str, ...] | None = None
+    folds: int = 5
+    group_col: str | None = None
+    use_groups: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    name: str | None = None
+    context: int = 0
+    head_params: dict[str, Any] | None = None
+    overwrite: bool = False
+    stream: bool | None = None
+    smooth: int = 0
+    center_slides: bool = False
+    cross_gene: bool = False
+    nested: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backbones", tuple(self.backbones or ()))
+        if self.cache_files is not None:
+            object.__setattr__(self, "cache_files", tuple(str(c) for c in self.cache_files) or None)
+        if self.backbones and self.cache_files:
+            raise UsageError("--backbone and --cache contradict each other; name the features one way.")
+        check_fit_settings(self.folds, self.context, self.smooth)
+        if self.smooth and self.stream:
+            raise UsageError("--smooth needs the predictions in memory; drop --stream.")
+        if self.center_slides and self.stream:
+            raise UsageError("--center-slides needs the features in memory; drop --stream.")
+        if (self.cross_gene or self.nested) and self.stream:
+            raise UsageError(f"{'--cross-gene' if self.cross_gene else '--nested'} refits the head inside every fold "
+                             "in memory; drop --stream.")
+        if self.nested and (self.cross_gene or self.smooth):
+            raise UsageError("--nested keeps the head's own inner predictions for stacking; fit it without "
+                             "--cross-gene and --smooth (stack --method cross-gene applies the cross-gene map itself).")
+
+
+def fit(config: FitConfig, *, log=say, training: TrainingData | None = None, command: str | None = None) -> RunResult:
+    """Cross-validate ``config.head`` on the cached features, refit on all rows, write the run folder."""
+    c = config
+    return _fit(c.data, list(c.backbones), c.head, cache_dir=c.cache_dir, runs_dir=c.runs_dir,
+                cache_files=list(c.cache_files) if c.cache_files else None, folds=c.folds, group_col=c.group_col,
+                use_groups=c.use_groups, seed=c.seed, device=c.device, name=c.name, command=command, log=log,
+                training=training, context=c.context, head_params=c.head_params, overwrite=c.overwrite,
+                stream=c.stream, smooth=c.smooth, center_slides=c.center_slides, cross_gene=c.cross_gene,
+                nested=c.nested)
+
+
+def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, log=say, training: TrainingData | None = None,
+            command: str | None = None, **settings: Any) -> RunResult:
+    """The keyword form of :func:`fit`: ``fit(FitConfig(data, backbones, head, **settings))``."""
+    return fit(FitConfig(data, tuple(backbones), head, **settings), log=log, training=training, command=command)
+
+
+def _fit(data, backbones: Sequence[str], head: str, *, cache_dir, runs_dir, cache_files, folds, group_col,
+         use_groups, seed, device, name, command, log, training: TrainingData | None, context, head_params, overwrite,
+         stream, smooth, center_slides, cross_gene, nested) -> RunResult:
     auto = (training is None and stream is None and not smooth and not center_slides and not cross_gene
             and not nested and _too_big(data))
     if auto:
@@ -94,10 +152,6 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
                                   seed=seed, device=device, name=name, command=command, log=log, context=context,
                                   head_params=head_params, overwrite=overwrite)
     td = training or load_training_data(data, backbones, cache_dir, cache_files, group_col, context, center_slides)
-    tg = td.table.genes
-    log(f"[fit] {len(tg)} gene columns ({tg[0]}{f' ... {tg[-1]}' if len(tg) > 1 else ''})"
-        + (f"; not genes: {', '.join(td.table.ignored[:8])}{' ...' if len(td.table.ignored) > 8 else ''}"
-           if td.table.ignored else ""))
     groups = td.groups if use_groups else None
     if groups is not None and len(np.unique(groups)) < 2:
         alt = [f"--groups slide ({len(np.unique(td.slides))} slides)"] if td.slides is not None and \
@@ -119,6 +173,10 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, cache_dir="c
     name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
         ("-crossgene" if cross_gene else "") + (f"-smooth{smooth}" if smooth else "") + ("-nested" if nested else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
+    tg = td.table.genes  # said once every refusal has had its turn (an error stays the only line on stderr)
+    log(f"[fit] {len(tg)} gene columns ({tg[0]}{f' ... {tg[-1]}' if len(tg) > 1 else ''})"
+        + (f"; not genes: {', '.join(td.table.ignored[:8])}{' ...' if len(td.table.ignored) > 8 else ''}"
+           if td.table.ignored else ""))
     t0 = time.perf_counter()
     post_info: dict[str, Any] = {}
     extras: dict[str, Any] = {}

@@ -198,4 +198,10 @@ def make_head(name: str, device: str = "cpu", seed: int = 0, params: dict[str, A
             est.set_params(**params)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"--head-param for head '{name}': {exc}") from exc
+    validate = getattr(est, "_validate_params", None)  # scikit-learn's constraints, checked now, not after the data
+    if params and callable(validate):
+        try:
+            validate()
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--head-param for head '{name}': {exc}") from exc
     return est

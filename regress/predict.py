@@ -20,11 +20,12 @@ import pandas as pd
 from featurize.cache import find_cache, read_cache
 from featurize.errors import CacheError, RunError, TableError
 from featurize.extract import embed
+from featurize.log import say
 from featurize.table import TileTable, index_of, read_table, write_csv_atomic
 from regress.context import neighbour_features, slide_split
-from regress.stack import check_runs
 from regress.runs import Run, open_result
 from regress.scales import assign_tables
+from regress.stack import check_runs
 
 
 def _check_imported(train: dict, test: dict, path, b: dict, log) -> None:
@@ -87,7 +88,7 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
 def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike], *,
                   cache_dir="cache", template: str | os.PathLike | None = None, device: str = "auto",
                   batch_size: int = 64, trust_pickle: bool = False, force_size: bool = False,
-                  log=print) -> pd.DataFrame:
+                  log=say) -> pd.DataFrame:
     """Predictions for every tile of ``data`` as a DataFrame (ID + genes).
 
     Everything about training comes from the run (or stack) folder itself;
@@ -149,8 +150,8 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Seque
 def _check_precision(runs: list[Run], device: str) -> None:
     """Refuse, before embedding anything, a device whose forward precision differs from the training caches'."""
     from featurize.backbones import get_spec
-    from featurize.device import resolve_device
     from featurize.decode import resolve_decoder
+    from featurize.device import resolve_device
     from featurize.extract import compute_dtype
 
     dev = None

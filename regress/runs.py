@@ -60,6 +60,7 @@ from featurize.errors import CacheError, RunError
 from featurize.faults import point as fault
 from featurize.integrity import H5_ERRORS, file_sha256, open_h5
 from featurize.lock import file_lock
+from featurize.log import warn
 from regress.persist import load_model, save_model
 
 RUN_FORMAT = 2
@@ -495,10 +496,9 @@ def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:
                            "refit (or restore the folder).")
     elif str(path) not in _UNSEALED:
         _UNSEALED.add(str(path))
-        import sys
 
-        print(f"warning: {path}: written before hexpress stored checksums in run folders, so its files cannot be "
-              "verified; refit it to add them.", file=sys.stderr)
+        warn(f"{path}: written before hexpress stored checksums in run folders, so its files cannot be "
+              "verified; refit it to add them.")
     run = Run(path, info, {})
     run.check_file("metrics.json")
     try:

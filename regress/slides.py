@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from featurize.errors import UsageError
+from featurize.log import say
 from regress.runs import Run, open_result
 from regress.scales import distinct_sizes, run_tile_um, same_size
+
 
 def trained_tile_sizes(res: Run) -> list[float]:
     """The different tile sides (um) the run, or a stack's runs, were trained on (smallest first; [] if unrecorded)."""
@@ -31,14 +33,14 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
                   tile_um: float | None = None, force: bool = False, work_dir: str | os.PathLike | None = None,
                   cache_dir: str | os.PathLike = "cache", device: str = "auto", batch_size: int = 64,
                   min_tissue: float = 0.5, genes: Sequence[str] = (), trust_pickle: bool = False,
-                  progress: bool = True, log=print) -> Path:
+                  progress: bool = True, log=say) -> Path:
     """Predict every tissue tile of ``slide`` with ``run`` and write ``out`` (.h5ad); returns its path."""
+    import math
+
     from featurize.table import read_table
     from featurize.wsi import cut_slide, open_slide
     from regress.predict import predict_table
     from regress.spatial import draw_gene_maps, provenance, write_h5ad
-
-    import math
 
     for flag, v in (("--mpp", mpp), ("--tile-um", tile_um)):
         if v is not None and not (math.isfinite(v) and v > 0):

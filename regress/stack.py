@@ -49,10 +49,19 @@ from sklearn.utils.validation import check_is_fitted
 
 from featurize import __version__
 from featurize.errors import RunError, UsageError
-from regress.stack_methods import METHODS
+from featurize.log import say
 from regress.metrics import evaluate, evaluate_by_fold
-from regress.runs import (RUN_FORMAT, Run, RunData, identity_of, load_run, open_result, stack_identity_fields,
-                          write_run)
+from regress.runs import (
+    RUN_FORMAT,
+    Run,
+    RunData,
+    identity_of,
+    load_run,
+    open_result,
+    stack_identity_fields,
+    write_run,
+)
+from regress.stack_methods import METHODS
 
 
 class Stack(BaseEstimator):
@@ -255,7 +264,7 @@ def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-               method: str = "nnls", alpha: float = 1.0, log=print, overwrite: bool = False,
+               method: str = "nnls", alpha: float = 1.0, log=say, overwrite: bool = False,
                center_folds: bool = False) -> StackResult:
     """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it.
 

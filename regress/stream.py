@@ -24,6 +24,7 @@ import pandas as pd
 from featurize.atomic import atomic_path
 from featurize.errors import CacheError, TableError, UsageError
 from featurize.integrity import H5_ERRORS, Sealed, file_sha256, open_h5, seal
+from featurize.log import say
 from featurize.table import GROUP_CANDIDATES, META_COLUMNS, NOT_GENES, _sidecar_genes
 
 STREAM_ABOVE_FRACTION = 0.5
@@ -218,7 +219,7 @@ def feature_chunks(caches: Sequence[Path], targets: Path, rows: int = ROWS):
     return len(ids), int(sum(dims)), chunks
 
 
-def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: bool, n_folds: int, seed: int, log=print):
+def fit_streaming(targets: Path, caches: Sequence[Path], head, *, groups_on: bool, n_folds: int, seed: int, log=say):
     """Fit ``head`` (a RidgeHead or PLSHead) from the files with ``n_folds`` outer CV folds (split as in-memory ``fit``
     splits them); returns (oof writer for the run folder, metrics accumulator, genes, n).  Each fold's
     out-of-fold model chose its alphas by CV over the other folds (nested)."""

@@ -148,3 +148,13 @@ def small_world(root: Path) -> tuple[Path, Path, Path, Path]:
     assert cli.main(["embed", "--data", str(train), "--backbone", "timm:test_vit", "--random-init", "--quiet",
                      "--cache-dir", str(cache), "--workers", "0"]) == 0
     return root, train, test, cache
+
+
+def run(argv) -> int:
+    """``cli.main`` in this process; argparse's exits become return codes."""
+    import cli
+
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code

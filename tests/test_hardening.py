@@ -33,7 +33,7 @@ def big_table(tmp_path_factory):
 
 def _embed_cmd(table, cache_dir, *extra):
     return [sys.executable, str(ROOT / "cli.py"), "embed", "--data", str(table), "--backbone", "efficientnet_lite0",
-            "--cache-dir", str(cache_dir), "--batch-size", "16", "--workers", "0", "--quiet", *extra]
+            "--cache-dir", str(cache_dir), "--batch-size", "16", "--workers", "0", *extra]  # not --quiet: the tests read its lines
 
 
 def _wait_for_progress(cache_dir: Path, proc, min_bytes: int = 200_000, timeout: float = 120) -> Path:

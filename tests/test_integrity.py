@@ -20,21 +20,14 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import rewrite_info, small_world
+from conftest import rewrite_info, run, small_world
 
-import cli
 from featurize.synthetic import make_synthetic_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BB = "timm:test_vit"
 
 
-def run(argv):
-    """cli.main in-process; argparse's exits become return codes."""
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 def sub(argv, env=None, timeout=120, **kw):

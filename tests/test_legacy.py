@@ -6,17 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-import cli
+from conftest import run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_v0"
 
 
-def run(argv):
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture()
@@ -47,7 +41,7 @@ def test_an_old_cache_fits_with_a_warning_and_embed_seals_it(old, tmp_path, caps
     assert run(["cache", "verify", f]) == 1
     assert "no checksums" in capsys.readouterr().out
     assert run(["embed", "--data", table, "--backbone", "timm:test_vit", "--random-init", "--cache-dir", old / "cache",
-                "--workers", "0", "--quiet"]) == 0
+                "--workers", "0"]) == 0
     assert "reused" in capsys.readouterr().err  # copied into the table's own folder, not embedded again
     new = next((old / "cache").glob("train-*/*.h5"))
     assert new.name == f.name and run(["cache", "verify", new]) == 0

@@ -254,7 +254,7 @@ def test_fit_stream_writes_a_run_like_the_in_memory_fit(tmp_path):
 
     from regress.ridge import RidgeHead
 
-    X = read_cache(next(p for p in cache_dir.rglob("timm_test_vit-*.h5") if ".shard-" not in p.name)).features
+    X = read_cache(next(p for p in cache_dir.glob("train-*/timm_test_vit-*.h5") if ".shard-" not in p.name)).features
     ref_model = RidgeHead(cv=PredefinedSplit(db.fold)).fit(X, db.y)
     pr = ref_model.predict(X)
     assert np.abs(b.model().predict(X) - pr).max() <= 1e-4 * np.abs(pr).max()

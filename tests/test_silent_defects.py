@@ -6,18 +6,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import small_world
+from conftest import run, small_world
 
 import cli
 from featurize.errors import TableError, UsageError
 from featurize.synthetic import make_synthetic_table
-
-
-def run(argv):
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +59,8 @@ def test_spatial_and_qc_columns_are_never_genes_and_fit_says_what_it_took(world,
     shutil.copytree(next(cache.glob("train-*")), cache / "train_qc", dirs_exist_ok=True)  # same rows: the cache serves
     capsys.readouterr()
     assert fit(world, tmp_path / "r", data=t) == 0
-    out = capsys.readouterr().out
-    assert "5 gene columns (GENE000 ... GENE004); not genes: in_tissue, array_row" in out
+    err = capsys.readouterr().err  # what a step did goes to stderr (logging); results to stdout
+    assert "5 gene columns (GENE000 ... GENE004); not genes: in_tissue, array_row" in err
 
 
 def test_an_importers_sidecar_decides_the_genes(tmp_path):
@@ -112,11 +105,11 @@ def test_automatic_streaming_says_so_and_no_stream_turns_it_off(world, tmp_path,
     capsys.readouterr()
     assert fit(world, tmp_path / "a") == 2
     got = capsys.readouterr()
-    assert "streams from disk (--no-stream fits in memory)" in got.out and "took the streaming path" in got.err
+    assert "streams from disk (--no-stream fits in memory)" in got.err and "took the streaming path" in got.err
     assert fit(world, tmp_path / "b", "--head", "mlp", "--head-param", "max_epochs=2") == 0  # was "--stream fits..."
-    assert "fits in memory only" in capsys.readouterr().out
+    assert "fits in memory only" in capsys.readouterr().err
     assert fit(world, tmp_path / "c", "--no-stream") == 0
-    assert "stream" not in capsys.readouterr().out.split("[fit]")[1]
+    assert "stream" not in capsys.readouterr().err
 
 
 def test_more_folds_than_rows_is_an_error_not_a_silent_clamp():
@@ -226,3 +219,25 @@ def test_two_tables_of_one_name_never_share_or_evict_a_cache(tmp_path, monkeypat
     assert embed(a, ["timm:test_vit"], **kw)[0] == pa  # up to date, not re-embedded
     fa, fb = (load_features(read_table(t), "timm:test_vit", tmp_path / "c") for t in (a, b))
     assert fa.path == pa and fb.path == pb and not np.array_equal(fa.features, fb.features)
+
+
+def test_quiet_and_verbose_on_every_command(world, tmp_path, capsys):
+    """``--quiet`` keeps warnings and errors, the default shows each step, on stderr; results stay on stdout."""
+    parser = cli.build_parser()
+
+    def leaves(p, path=()):
+        for a in p._actions:
+            if isinstance(a.choices, dict) and hasattr(next(iter(a.choices.values()), None), "_actions"):
+                for name, sp in a.choices.items():
+                    yield from leaves(sp, path + (name,))
+                return
+        yield path, {o for a in p._actions for o in a.option_strings}
+
+    found = list(leaves(parser))
+    assert len(found) >= 14 and all({"--quiet", "--verbose"} <= opts for _, opts in found), found
+    assert fit(world, tmp_path / "a") == 0
+    got = capsys.readouterr()
+    assert "[fit] ridge: fold 1/4" in got.err and "run written to" in got.out
+    assert fit(world, tmp_path / "b", "--quiet") == 0
+    got = capsys.readouterr()
+    assert "[fit]" not in got.err and "run written to" in got.out

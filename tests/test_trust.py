@@ -8,18 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import rewrite_info, small_world
+from conftest import rewrite_info, run, small_world
 
 import cli
 from featurize.errors import RunError, UsageError
-
-
-def run(argv):
-    """cli.main in-process; argparse's exits become return codes."""
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +224,7 @@ def test_damaged_cache_is_named_as_damaged_and_embed_replaces_it(world, tmp_path
     root, train, test, cache = world
     c = tmp_path / "cache"
     shutil.copytree(cache, c)
-    f = next(c.rglob("timm_test_vit-*.h5"))
+    f = next(c.glob("train-*/timm_test_vit-*.h5"))
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 3])
     from featurize.cache import load_features

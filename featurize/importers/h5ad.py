@@ -18,7 +18,6 @@ normalised) is used as it is, and the sidecar says so.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ from PIL import Image
 from featurize.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, tile_size_px
 from featurize.importers.visium import VISIUM_PITCH_UM, VISIUM_SPOT_UM, fit_pixel_size
+from featurize.log import say
 
 THEORETICAL_SPOT_UM = 65.0  # what 10x's spot_diameter_fullres spans
 COARSE_UM_PER_PX = 2.0  # above this, tiles carry little cellular detail: warn
@@ -129,8 +129,8 @@ def read_h5ad_slide(path: str | Path, out_dir: Path, *, image: str | Path | None
             eff = 1.0 / (ppu * scale)
             report["effective_um_per_pixel"] = eff
             if eff > COARSE_UM_PER_PX:
-                print(f"[tiles] {path.name}: cutting from the stored {res} image at {eff:.1f} um per pixel (the "
-                      f"full-resolution slide is much finer); pass --image FULLRES for real tiles.", file=sys.stderr)
+                say(f"[tiles] {path.name}: cutting from the stored {res} image at {eff:.1f} um per pixel (the "
+                      f"full-resolution slide is much finer); pass --image FULLRES for real tiles.")
     else:
         report["image"] = str(image)
     if tile_um is None and tile_px is None:
@@ -162,9 +162,8 @@ def import_h5ad(paths: Sequence[str | Path], out_dir: str | Path, *, name: str =
     mode = normalize_mode
     if not all(k["is_counts"] for k in kinds):
         mode = "raw"
-        print(f"[tiles] {', '.join(str(p) for p, k in zip(paths, kinds) if not k['is_counts'])}: expression is not "
-              "counts (negative or non-integer values: already normalised); used as it is, not normalised again.",
-              file=sys.stderr)
+        say(f"[tiles] {', '.join(str(p) for p, k in zip(paths, kinds) if not k['is_counts'])}: expression is not "
+              "counts (negative or non-integer values: already normalised); used as it is, not normalised again.")
     return build_table(slides, out_dir, name, out_px=out_px, normalize_mode=mode, n_genes=n_genes,
                        gene_list=gene_list, min_spots=min_spots, gene_names=gene_names,
                        extra={"format": "h5ad", "sources": [str(p) for p in paths],
