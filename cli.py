@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder; hest: HEST-1k folder (patches/, st/); h5ad: a scanpy/squidpy AnnData file with obsm['spatial']")
     sp.add_argument("source", help="the data folder (st: or a sample sheet CSV; h5ad: the .h5ad file)")
     sp.add_argument("--library", help="h5ad: the uns['spatial'] library to read (needed when it holds several)")
-    sp.add_argument("--out", required=True, help="output folder for the table and tiles")
+    sp.add_argument("--out", required=True,
+                    help="FOLDER to write the table (<name>.csv), its sidecar (<name>.json) and the tiles (tiles/) into")
     sp.add_argument("--name", default="tiles", help="table name (default: %(default)s)")
     sp.add_argument("--section", action="append", help="section/sample to import (repeatable; default all for st)")
     sp.add_argument("--image", action="append", help="visium / h5ad: the full-resolution image (default: cut from the "
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a packed table of the same name under --out whose rows point into them; embed "
                                     "reads it without unpacking and uses the same cache (same rows, same content).")
     sp.add_argument("--data", required=True, help="tile table to pack")
-    sp.add_argument("--out", required=True, help="folder for the packs and the packed table (not the table's own folder)")
+    sp.add_argument("--out", required=True, help="FOLDER for the packs and the packed table (not the table's own folder)")
     sp.add_argument("--tiles-per-pack", type=int, default=10_000, help="tiles per tar file (default: %(default)s)")
     sp.set_defaults(func=cmd_pack)
 
@@ -604,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--center-folds", action="store_true",
                     help="learn the weights on each CV fold's deviations from its own mean (what the by-fold "
                          "PCC scores): with folds grouped by slide, runs' slide offsets cost them no weight")
-    sp.add_argument("--out", default=None, help="stack folder (default: <runs' folder>/stack-<table>)")
+    sp.add_argument("--out", default=None, help="FOLDER the stack is written to (default: <runs' folder>/stack-<table>)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing stack folder made from other runs")
     sp.set_defaults(func=cmd_stack)
 
@@ -616,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                 data_help="test tile table (CSV or Parquet): ID, path, [slide/patient], [x, y]; repeat it with the "
                           "same spots cut at each tile size when the stack's runs were trained on several (`tiles "
                           "--tile-um`: each run gets the table of its own size; rows follow the first)")
-    sp.add_argument("--out", required=True, help="output: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
+    sp.add_argument("--out", required=True, help="FILE to write: a submission CSV (*.csv) or AnnData (*.h5ad, with x, y as "
                                                  "obsm['spatial'])")
     sp.add_argument("--template", help="sample_submission.csv whose column order to follow")
     predict_args(sp)
@@ -631,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Pillow.")
     sp.add_argument("run", metavar="RUN", help="run or stack folder")
     sp.add_argument("slide", metavar="SLIDE", help="the slide image (.svs, pyramidal .tif, .ndpi, .jpg, .png ...)")
-    sp.add_argument("--out", required=True, help="AnnData file to write (*.h5ad)")
+    sp.add_argument("--out", required=True, help="FILE to write: AnnData (*.h5ad)")
     sp.add_argument("--mpp", type=float, default=None,
                     help="micrometres per pixel at full resolution (required when the file does not record it: JPEG, PNG)")
     sp.add_argument("--tile-um", type=float, default=None,
