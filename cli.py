@@ -41,7 +41,7 @@ def _groups_arg(value: str | None) -> tuple[str | None, bool]:
 
 # -------------------------------------------------------------------- commands
 def cmd_backbones(args) -> int:
-    from featurize.backbones import get_spec, list_backbones
+    from featurize.models.backbones import get_spec, list_backbones
 
     print(f"{'name':20s} {'dim':>5s}  {'pooling':10s} {'weights (source)':48s} transform")
     for name in list_backbones():
@@ -56,10 +56,10 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from featurize.extract import EmbedConfig, run_embed
+    from featurize.engine.extract import EmbedConfig, run_embed
 
     if args.engine == "ray":
-        from featurize.ray_engine import embed_ray
+        from featurize.engine.ray_engine import embed_ray
 
         if args.shard:
             raise HexpressError("--shard is for one process of a job you schedule yourself; with --engine ray use --shards N.")
@@ -88,7 +88,7 @@ def cmd_embed(args) -> int:
 def _shard_arg(value: str | None):
     if value is None:
         return None
-    from featurize.shards import parse_shard
+    from featurize.engine.shards import parse_shard
 
     return parse_shard(value)
 
@@ -97,12 +97,12 @@ def cmd_cache(args) -> int:
     from featurize.cache import list_caches, read_attrs, verify_cache
 
     if args.cache_cmd == "merge":
-        from featurize.shards import final_of, merge_shards
+        from featurize.engine.shards import final_of, merge_shards
 
         final = final_of(args.file)
         table = None
         if args.data:
-            from featurize.table import read_table
+            from featurize.tables.table import read_table
 
             table = read_table(args.data, check_files=False)
         print(merge_shards(final, table, keep_shards=args.keep_shards))
@@ -143,13 +143,13 @@ def _print_table(rows: list[dict], cols: list[str]) -> None:
 
 
 def _head_params(args) -> dict:
-    from regress.heads import parse_head_params
+    from regress.heads.registry import parse_head_params
 
     return parse_head_params(args.head_param)
 
 
 def cmd_fit(args) -> int:
-    from regress.fit import FitConfig, fit
+    from regress.runs.fit import FitConfig, fit
 
     group_col, use_groups = _groups_arg(args.groups)
     config = FitConfig(args.data, tuple(args.backbone or ()), args.head, cache_dir=args.cache_dir,
@@ -169,7 +169,7 @@ def cmd_fit(args) -> int:
     if m["constant_genes"]:
         print(f"{len(m['constant_genes'])} constant genes have no PCC and are excluded from the means.")
     if args.cross_gene:
-        from regress.runs import load_run
+        from regress.runs.folder import load_run
 
         cg = load_run(res.path).info["cross_gene"]
         print(f"--cross-gene: blend {cg['blend']:g}, alpha {cg['alpha']:g} (chosen by nested CV); PCC/gene by fold "
@@ -179,7 +179,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from regress.compare import compare
+    from regress.runs.compare import compare
 
     group_col, use_groups = _groups_arg(args.groups)
     rows, png = compare(args.data, args.backbone, args.head, cache_dir=args.cache_dir, runs_dir=args.runs_dir,
@@ -274,7 +274,7 @@ def cmd_tiles(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from featurize.pack import pack_table
+    from featurize.tables.pack import pack_table
 
     print(pack_table(args.data, args.out, tiles_per_pack=args.tiles_per_pack))
     return 0
@@ -282,7 +282,7 @@ def cmd_pack(args) -> int:
 
 def cmd_import_embeddings(args) -> int:
     from featurize.importers.embeddings import import_embeddings
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     out, rep = import_embeddings(args.file, read_table(args.data, check_files=False), args.backbone, args.cache_dir,
                                  id_prefix=args.id_prefix, slide=args.slide, patch_size_level0=args.patch_size_level0,
@@ -298,11 +298,11 @@ def cmd_import_embeddings(args) -> int:
 
 def cmd_stack(args) -> int:
     from featurize.log import debug
-    from regress.stack import stack_runs
+    from regress.runs.stack import stack_runs
 
     runs = list(args.runs or [])
     if args.all:
-        from regress.runs import runs_for_table_checked
+        from regress.runs.folder import runs_for_table_checked
 
         for table in args.all:
             good, skipped = runs_for_table_checked(args.runs_dir, table)
@@ -323,7 +323,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from regress.predict import predict_table, write_submission
+    from regress.runs.predict import predict_table, write_submission
 
     kind = Path(args.out).suffix.lower()
     if kind not in (".csv", ".h5ad"):
@@ -335,9 +335,9 @@ def cmd_predict(args) -> int:
     if kind == ".csv":
         print(write_submission(df, args.out))
         return 0
-    from featurize.table import read_table
-    from regress.runs import open_result
-    from regress.spatial import provenance, write_h5ad
+    from featurize.tables.table import read_table
+    from regress.runs.folder import open_result
+    from regress.outputs.spatial import provenance, write_h5ad
 
     res = open_result(args.run)
     test = read_table(args.data[0], check_files=False)
@@ -350,7 +350,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_predict_slide(args) -> int:
-    from regress.slides import predict_slide
+    from regress.outputs.slides import predict_slide
 
     print(predict_slide(args.run, args.slide, args.out, mpp=args.mpp, tile_um=args.tile_um, force=args.force,
                         work_dir=args.work_dir, cache_dir=args.cache_dir, device=args.device,
@@ -360,7 +360,7 @@ def cmd_predict_slide(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from regress.report import write_report
+    from regress.outputs.report import write_report
 
     print(write_report(args.run, gene=args.gene, slide=args.slide))
     return 0
@@ -381,9 +381,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from featurize.backbones import list_backbones
-    from regress.heads import head_choices_help
-    from regress.stack_methods import METHODS as STACK_METHODS
+    from featurize.models.backbones import list_backbones
+    from regress.heads.registry import head_choices_help
+    from regress.runs.stack_methods import METHODS as STACK_METHODS
 
     p = OneLineErrorParser(
         prog="python cli.py",

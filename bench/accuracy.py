@@ -47,14 +47,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurize.backbones import get_spec  # noqa: E402
-from featurize.extract import embed  # noqa: E402
+from featurize.models.backbones import get_spec  # noqa: E402
+from featurize.engine.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
-from featurize.table import read_table  # noqa: E402
-from regress.fit import fit_run  # noqa: E402
+from featurize.tables.table import read_table  # noqa: E402
+from regress.runs.fit import fit_run  # noqa: E402
 from regress.metrics import evaluate_by_fold, pcc_per_gene  # noqa: E402
-from regress.runs import open_result  # noqa: E402
-from regress.stack import stack_runs  # noqa: E402
+from regress.runs.folder import open_result  # noqa: E402
+from regress.runs.stack import stack_runs  # noqa: E402
 
 
 def by_section(path: Path) -> tuple[float, list[float], float]:

@@ -9,8 +9,8 @@ For each backbone and tile format, in one process:
   each, and averaged, so that drift of a shared machine hits both sides;
 * decode limits: Pillow decoding (and resizing) the same tiles in P processes
   (PNG and JPEG), and on CUDA nvJPEG decoding them in batches
-  (``featurize.decode.decode_jpegs``);
-* end to end: ``featurize.extract.embed`` on the table from disk into a fresh
+  (``featurize.engine.decode.decode_jpegs``);
+* end to end: ``featurize.engine.extract.embed`` on the table from disk into a fresh
   cache; the process's first embed runs twice (the first, "cold", pays CUDA
   and library loading); the steady rate (after the first batch) is the
   figure, with the first-batch latency (model build, kernel selection)
@@ -47,12 +47,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurize.backbones import get_spec  # noqa: E402
-from featurize.decode import decode_jpegs  # noqa: E402
-from featurize.extract import autocast, embed  # noqa: E402
-from featurize.models import create_backbone, extract  # noqa: E402
-from featurize.transforms import normalize, resize_uint8  # noqa: E402
-from featurize.weights import resolve_weights  # noqa: E402
+from featurize.models.backbones import get_spec  # noqa: E402
+from featurize.engine.decode import decode_jpegs  # noqa: E402
+from featurize.engine.extract import autocast, embed  # noqa: E402
+from featurize.models.build import create_backbone, extract  # noqa: E402
+from featurize.models.transforms import normalize, resize_uint8  # noqa: E402
+from featurize.models.weights import resolve_weights  # noqa: E402
 
 HER2ST = ROOT.parent / "shared" / "data" / "her2st"
 SIZE = 224

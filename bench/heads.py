@@ -57,9 +57,9 @@ def estimator(method: str, device: str):
     from sklearn.cross_decomposition import PLSRegression
     from sklearn.linear_model import RidgeCV
 
-    from regress.mlp import MLPHead
-    from regress.pls import PLSHead
-    from regress.ridge import RidgeHead
+    from regress.heads.mlp import MLPHead
+    from regress.heads.pls import PLSHead
+    from regress.heads.ridge import RidgeHead
 
     make = {
         "hexpress_ridge": lambda: RidgeHead(alphas=ALPHAS, cv=5, device=device),

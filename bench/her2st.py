@@ -38,12 +38,12 @@ from sklearn.linear_model import Ridge, RidgeCV  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from featurize.extract import embed  # noqa: E402
+from featurize.engine.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
-from featurize.table import read_table  # noqa: E402
+from featurize.tables.table import read_table  # noqa: E402
 from regress.cv import cross_val_predict_groups, fold_labels, make_splits  # noqa: E402
 from regress.metrics import evaluate, evaluate_by_fold  # noqa: E402
-from regress.fit import fit_run  # noqa: E402
+from regress.runs.fit import fit_run  # noqa: E402
 from regress.training import load_training_data  # noqa: E402
 
 HER2ST = ROOT.parent / "shared" / "data" / "her2st"
@@ -61,7 +61,7 @@ def hest_protocol(out: Path) -> None:
     gene on each held-out section, and on each held-out patient (B, C), averaged.  hexpress ridge (per-gene
     alpha by inner CV) on the same features for comparison.
     """
-    from regress.heads import make_head
+    from regress.heads.registry import make_head
 
     table_path = out / "her2st_hest.csv"
     if not table_path.exists():
@@ -174,7 +174,7 @@ def main() -> None:
         run_paths.append(ours("hexpress ridge + context 6, TTA 8, + mobilenetv2", tta, context=6))
         run_paths.append(ours("hexpress pls + context 6, TTA 8, + mobilenetv2", tta, head="pls", context=6))
     try:
-        from regress.stack import stack_runs
+        from regress.runs.stack import stack_runs
     except ImportError:
         stack_runs = None
     if stack_runs is not None:

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featurize.backbones import get_spec  # noqa: E402
+from featurize.models.backbones import get_spec  # noqa: E402
 from featurize.cache import CacheKey, CacheWriter, read_cache  # noqa: E402
-from featurize.weights import resolve_weights  # noqa: E402
+from featurize.models.weights import resolve_weights  # noqa: E402
 
 
 def best(fn, n=3) -> float:
@@ -75,7 +75,7 @@ def main() -> None:
         print(f"cache {a.rows:,} x {a.dim} float16 ({size:.0f} MiB): finalize+seal {seal_s:.2f} s; read_cache "
               f"unverified {raw_s:.2f} s, verified {checked_s:.2f} s (+{checked_s - raw_s:.2f} s)")
 
-        from regress.runs import RunData, load_run, write_run
+        from regress.runs.folder import RunData, load_run, write_run
 
         oof = rng.standard_normal((a.rows, a.genes)).astype(np.float32)
         data = RunData(ids, [f"G{j}" for j in range(a.genes)], oof, np.arange(a.rows) % 5, oof.copy())

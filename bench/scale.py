@@ -52,7 +52,7 @@ def synthetic_chunks(n: int, d: int, g: int, chunk: int, rows_seed: int = 0):
 
 
 def ridge_child(n: int, d: int, g: int, chunk: int) -> dict:
-    from regress.ridge import RidgeHead
+    from regress.heads.ridge import RidgeHead
 
     chunks = synthetic_chunks(n, d, g, chunk)
     t0 = time.perf_counter()
@@ -103,10 +103,10 @@ def shard_bench(tiles: int, shards: int, work: Path) -> dict:
 
 def merge_bench(rows: int, dim: int, shards: int, work: Path) -> dict:
     """Time merge_shards on shard files of ``rows`` random float16 features in total (I/O-bound)."""
-    from featurize.backbones import get_spec
+    from featurize.models.backbones import get_spec
     from featurize.cache import CacheKey, CacheWriter, cache_path
-    from featurize.shards import merge_shards, shard_path
-    from featurize.weights import ResolvedWeights
+    from featurize.engine.shards import merge_shards, shard_path
+    from featurize.models.weights import ResolvedWeights
 
     spec = get_spec("efficientnet_lite0")
     key = CacheKey("merge", spec, ResolvedWeights("random-init", None, None, True), 1, "float16")

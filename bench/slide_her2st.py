@@ -28,13 +28,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurize.extract import embed  # noqa: E402
+from featurize.engine.extract import embed  # noqa: E402
 from featurize.importers.st import import_st  # noqa: E402
-from featurize.table import read_table  # noqa: E402
-from regress.fit import fit_run  # noqa: E402
-from regress.predict import predict_table  # noqa: E402
-from regress.runs import load_run  # noqa: E402
-from regress.slides import predict_slide  # noqa: E402
+from featurize.tables.table import read_table  # noqa: E402
+from regress.runs.fit import fit_run  # noqa: E402
+from regress.runs.predict import predict_table  # noqa: E402
+from regress.runs.folder import load_run  # noqa: E402
+from regress.outputs.slides import predict_slide  # noqa: E402
 
 HER2ST = ROOT.parent / "shared" / "data" / "her2st"
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")

@@ -1,7 +1,7 @@
 """Stage one of hexpress: tiles through frozen backbones into HDF5 caches.
 
-Import the submodules you need (``featurize.backbones``, ``featurize.cache``,
-``featurize.extract``, ``featurize.table``); importing this package does no
+Import the submodules you need (``featurize.models.backbones``, ``featurize.cache``,
+``featurize.engine.extract``, ``featurize.tables.table``); importing this package does no
 work and loads no model.
 """
 from featurize.errors import HexpressError

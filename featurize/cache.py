@@ -1,7 +1,7 @@
 """HDF5 embedding caches: one file per (table, backbone, weights, preprocessing, TTA), rows keyed by content.
 
 On-disk contract (``FORMAT_VERSION`` 2), ``<cache_dir>/<table stem>-<path8>/<backbone>-<fp16>.h5`` (``path8``: 8 hex
-of the table's resolved path, :attr:`featurize.table.TileTable.cache_folder`), where
+of the table's resolved path, :attr:`featurize.tables.table.TileTable.cache_folder`), where
 ``fp16`` is the start of the key fingerprint (everything that changes the numbers *except* the
 table: backbone spec, weight sha256 / random-init flag, TTA, stored dtype, compute precision,
 decoder (when not Pillow), import parameters):
@@ -22,7 +22,7 @@ decoder (when not Pillow), import parameters):
 A file is written as ``<name>.h5.partial`` batch by batch (``done`` after each flush) and renamed
 to ``<name>.h5`` only once every row is written, so a finished-looking file is always complete.
 Re-embedding a table reuses every row whose ID and tile content are unchanged
-(:mod:`featurize.digests`): only new or changed tiles go through the network again.  An
+(:mod:`featurize.tables.digests`): only new or changed tiles go through the network again.  An
 interrupted run resumes from the partial file when its key still matches.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ import h5py
 import numpy as np
 
 from featurize import __version__
-from featurize.backbones import BackboneSpec
-from featurize.digests import (
+from featurize.models.backbones import BackboneSpec
+from featurize.tables.digests import (
     DIGEST_DTYPE,
     NO_STAT,
     RowPlan,
@@ -59,7 +59,7 @@ from featurize.integrity import (
     seal,
 )
 from featurize.log import warn
-from featurize.weights import ResolvedWeights
+from featurize.models.weights import ResolvedWeights
 
 FORMAT_VERSION = 2
 MIN_CHUNK_ROWS = 256
@@ -78,7 +78,7 @@ class CacheKey:
     dtype: str  # "float16" | "float32": how the embeddings are stored
     compute: str = "float32"  # the forward pass's precision: "float32", or "bfloat16"/"float16" under CUDA autocast
     params: str = ""  # JSON of source parameters that change the numbers (imported embeddings: how rows were matched)
-    decoder: str = "pil"  # who decoded the tiles: "pil", or "nvjpeg"/"torchvision-cpu" (featurize.decode)
+    decoder: str = "pil"  # who decoded the tiles: "pil", or "nvjpeg"/"torchvision-cpu" (featurize.engine.decode)
 
     def key_dict(self) -> dict[str, Any]:
         spec = self.spec.to_dict()

@@ -3,8 +3,8 @@
 ``HEXPRESS_FAULT=<point>`` kills the process with SIGKILL when it reaches ``<point>``;
 ``HEXPRESS_PAUSE=<point>:<seconds>`` sleeps there (to line up a race).  Unset, a point costs one
 environment lookup.  Points: ``run-before-swap``, ``run-between-renames``, ``run-after-swap`` (run and
-stack folders, :mod:`regress.runs`), ``table-after-tiles`` (importers), ``table-between-sidecar-and-table``
-(:func:`featurize.table.write_table`), ``merge-mid`` (``cache merge``, after its first block of rows).
+stack folders, :mod:`regress.runs.folder`), ``table-after-tiles`` (importers), ``table-between-sidecar-and-table``
+(:func:`featurize.tables.table.write_table`), ``merge-mid`` (``cache merge``, after its first block of rows).
 """
 from __future__ import annotations
 

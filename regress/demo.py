@@ -21,12 +21,12 @@ from pathlib import Path
 def run_demo(workdir: str | os.PathLike = "demo_data", device: str = "auto", quick: bool = False) -> int:
     from featurize.datasets import download_her2st, find_her2st, user_cache
     from featurize.device import resolve_device
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
     from featurize.importers.st import import_st
     from featurize.log import say
     from featurize.synthetic import make_synthetic_table
-    from featurize.table import read_table
-    from regress.fit import fit_run
+    from featurize.tables.table import read_table
+    from regress.runs.fit import fit_run
 
     resolve_device(device)  # a device that is not there is an error before anything is written
     work = Path(workdir)

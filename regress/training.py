@@ -10,8 +10,8 @@ import numpy as np
 
 from featurize.cache import load_features, require_cache_files
 from featurize.errors import TableError, UsageError
-from featurize.table import TileTable, index_of, read_table
-from regress.context import neighbour_features, slide_split
+from featurize.tables.table import TileTable, index_of, read_table
+from regress.post.context import neighbour_features, slide_split
 
 
 @dataclass

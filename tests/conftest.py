@@ -47,7 +47,7 @@ def syn_table(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def syn_cache(syn_table, tmp_path_factory) -> tuple[Path, Path]:
     """(table, cache_dir) with a random-init timm:test_vit cache."""
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     cache_dir = tmp_path_factory.mktemp("cache")
     embed(syn_table, ["timm:test_vit"], random_init=True, cache_dir=cache_dir, batch_size=16, progress=False,
@@ -60,7 +60,7 @@ def embedded_train_test(root: Path, n_genes: int) -> tuple[Path, Path, Path]:
     gene columns, the training tiles embedded with a random-init timm:test_vit."""
     import pandas as pd
 
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     table = make_synthetic_table(root / "d", n=64, n_genes=n_genes, size=32, name="train", seed=2)
     test = make_synthetic_table(root / "t", n=16, n_genes=n_genes, size=32, name="test", seed=3)
@@ -124,7 +124,7 @@ def rewrite_info(folder: Path, info: dict) -> None:
     on purpose (an edit hexpress itself would refuse as damage) re-seals it here."""
     import json
 
-    from regress.runs import INFO_FILES, _info_digest
+    from regress.runs.folder import INFO_FILES, _info_digest
 
     kind = info.get("kind") or ("stack" if (Path(folder) / "stack.json").is_file() else "run")
     info = {**info, "kind": kind}

@@ -3,10 +3,10 @@ import pytest
 import timm
 import torch
 
-from featurize.backbones import BackboneSpec, get_spec, list_backbones, register
+from featurize.models.backbones import BackboneSpec, get_spec, list_backbones, register
 from featurize.errors import BackboneError, WeightsError
-from featurize.models import create_backbone
-from featurize.weights import resolve_weights
+from featurize.models.build import create_backbone
+from featurize.models.weights import resolve_weights
 
 REQUIRED = {"vit_base", "vit_small", "resnet50", "inception_resnet_v2", "efficientnet_b0", "convnext_tiny",
             "dinov2_vitb14", "efficientnet_lite0", "mobilenetv2", "uni", "h_optimus_0", "virchow2", "prov_gigapath"}
@@ -38,7 +38,7 @@ def test_imagenet_specs_match_timm_pretrained_cfg(name):
 def test_spec_embed_dim_matches_the_built_model(name):
     spec = get_spec(name)
     model = create_backbone(spec, resolve_weights(spec, random_init=True))
-    from featurize.models import extract
+    from featurize.models.build import extract
 
     x = torch.zeros(1, 3, spec.input_size, spec.input_size)
     with torch.inference_mode():
@@ -138,7 +138,7 @@ def test_variants_that_cannot_work_are_refused_with_the_reason(name, words):
 
 def test_stage_pooling_is_each_stage_map_averaged_then_the_head_embedding():
     """Brute force: forward hooks on the modules timm names as stage outputs, one plain forward pass."""
-    from featurize.models import build_model, extract
+    from featurize.models.build import build_model, extract
 
     st, base = get_spec("efficientnet_lite0+stages@96"), get_spec("efficientnet_lite0@96")
     torch.manual_seed(0)
@@ -159,9 +159,9 @@ def test_stage_pooling_is_each_stage_map_averaged_then_the_head_embedding():
 
 def test_variant_embeds_and_fits_by_its_name(syn_table, tmp_path):
     from featurize.cache import find_cache, read_cache
-    from featurize.extract import embed
-    from featurize.table import read_table
-    from regress.fit import fit_run
+    from featurize.engine.extract import embed
+    from featurize.tables.table import read_table
+    from regress.runs.fit import fit_run
 
     name = "timm:test_resnet+stages@48"
     path = embed(syn_table, [name], random_init=True, cache_dir=tmp_path / "c", batch_size=16, progress=False,

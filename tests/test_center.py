@@ -8,8 +8,8 @@ import pytest
 
 from featurize.cache import read_cache
 from featurize.errors import TableError, UsageError
-from regress.context import slide_centered, slide_split
-from regress.fit import fit_run
+from regress.post.context import slide_centered, slide_split
+from regress.runs.fit import fit_run
 from regress.training import load_training_data
 
 
@@ -49,7 +49,7 @@ def test_a_stain_offset_on_one_slide_leaves_its_within_slide_features_and_pcc_un
     np.testing.assert_allclose(F[:, :d], td.X[:, :d], atol=1e-5)  # float32 features
     a = fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path, folds=4, log=lambda *x: None,
                 training=td, center_slides=True)
-    from regress.runs import load_run
+    from regress.runs.folder import load_run
 
     model = load_run(a.path).model()
     moved = model.predict(F[s1]) - model.predict(td.X[s1])
@@ -60,8 +60,8 @@ def test_a_stain_offset_on_one_slide_leaves_its_within_slide_features_and_pcc_un
 
 
 def test_predict_centres_the_test_slides_on_their_own_tiles(syn_cache, tmp_path):
-    from regress.predict import predict_table
-    from regress.runs import load_run
+    from regress.runs.predict import predict_table
+    from regress.runs.folder import load_run
 
     table, cache_dir = syn_cache
     res = fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path, folds=4,

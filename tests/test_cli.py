@@ -41,7 +41,7 @@ def test_fit_and_compare_end_to_end(syn_cache, tmp_path):
     assert rc == 0
     assert (tmp_path / "runs" / "compare-train.png").stat().st_size > 1000
     # same numbers from the API and the CLI
-    from regress.fit import fit_run
+    from regress.runs.fit import fit_run
 
     res = fit_run(table, ["timm:test_vit"], "ridge", cache_dir=cache_dir, runs_dir=tmp_path / "api", folds=4,
                   log=lambda *a: None)

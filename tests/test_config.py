@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from featurize.errors import UsageError
-from featurize.extract import EmbedConfig
-from regress.fit import FitConfig
+from featurize.engine.extract import EmbedConfig
+from regress.runs.fit import FitConfig
 
 
 @pytest.mark.parametrize("kw, words", [

@@ -9,10 +9,10 @@ from sklearn.linear_model import Ridge
 
 import cli
 from conftest import embedded_train_test
-from regress.crossgene import ALPHAS, BLENDS, CrossGeneMap, CrossGeneStep, choose_map, cv_scores
+from regress.post.crossgene import ALPHAS, BLENDS, CrossGeneMap, CrossGeneStep, choose_map, cv_scores
 from regress.cv import make_splits
-from regress.post import nested_cv
-from regress.ridge import RidgeHead
+from regress.post.steps import nested_cv
+from regress.heads.ridge import RidgeHead
 
 
 def _programmes(n_folds=4, per_fold=40, genes=12, noise=1.5, seed=0):
@@ -115,11 +115,11 @@ def test_nested_held_out_targets_never_reach_held_out_predictions():
 @pytest.mark.parametrize("smooth", [0, 4])
 def test_fit_cross_gene_writes_the_map_and_predict_applies_it(tmp_path, smooth, capsys):
     from featurize.cache import load_features
-    from featurize.table import read_table
-    from regress.context import neighbour_mean
-    from regress.predict import predict_table
-    from regress.runs import load_run
-    from regress.smooth import smooth as smooth_fn
+    from featurize.tables.table import read_table
+    from regress.post.context import neighbour_mean
+    from regress.runs.predict import predict_table
+    from regress.runs.folder import load_run
+    from regress.post.smooth import smooth as smooth_fn
 
     table, test, _ = embedded_train_test(tmp_path, 5)
     argv = ["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(tmp_path / "c"),
@@ -144,14 +144,14 @@ def test_fit_cross_gene_writes_the_map_and_predict_applies_it(tmp_path, smooth, 
 
 def test_cross_gene_refuses_stream(tmp_path):
     from featurize.errors import UsageError
-    from regress.fit import fit_run
+    from regress.runs.fit import fit_run
 
     with pytest.raises(UsageError, match="--cross-gene"):
         fit_run(tmp_path / "none.csv", ["timm:test_vit"], stream=True, cross_gene=True)
 
 
 def test_stack_cross_gene_of_one_run_is_the_run_level_map():
-    from regress.stack import Stack
+    from regress.runs.stack import Stack
 
     P, Y, fold = _programmes(seed=7)
     st = Stack("cross-gene").fit([P], Y, fold=fold)
@@ -166,12 +166,12 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
 
     from featurize.cache import load_features
     from featurize.errors import RunError
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
     from regress.cv import cross_val_predict_groups, make_splits
-    from regress.heads import make_head
-    from regress.predict import predict_table
-    from regress.runs import load_run, read_inner_predictions
-    from regress.stack import Stack, load_stack, stack_runs
+    from regress.heads.registry import make_head
+    from regress.runs.predict import predict_table
+    from regress.runs.folder import load_run, read_inner_predictions
+    from regress.runs.stack import Stack, load_stack, stack_runs
 
     table, test, cache = embedded_train_test(tmp_path, 5)
     base = ["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache),
@@ -214,7 +214,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
 
 def test_nested_refuses_post_processing(tmp_path):
     from featurize.errors import UsageError
-    from regress.fit import fit_run
+    from regress.runs.fit import fit_run
 
     with pytest.raises(UsageError, match="--nested"):
         fit_run(tmp_path / "none.csv", ["timm:test_vit"], nested=True, cross_gene=True)

@@ -22,7 +22,7 @@ def _data(n=240, d=300, g=40, seed=0):
 @pytest.mark.parametrize("cv", [5, "gcv"])
 @pytest.mark.parametrize("standardize", [True, False])
 def test_ridge_cuda_equals_cpu(cv, standardize):
-    from regress.ridge import RidgeHead
+    from regress.heads.ridge import RidgeHead
 
     X, Y = _data()
     groups = np.repeat(np.arange(6), 40)
@@ -38,7 +38,7 @@ def test_ridge_cuda_equals_cpu(cv, standardize):
 
 
 def test_ridge_cuda_with_pca_preset():
-    from regress.heads import make_head
+    from regress.heads.registry import make_head
 
     X, Y = _data(n=400, d=300)
     a = make_head("hest", "cpu").fit(X, Y)
@@ -49,7 +49,7 @@ def test_ridge_cuda_with_pca_preset():
 def test_mlp_cuda_matches_cpu_without_dropout():
     """Same seed, same initial weights and batch order: without dropout (whose masks come from the
     device's own generator) CPU and GPU training differ only by rounding."""
-    from regress.mlp import MLPHead
+    from regress.heads.mlp import MLPHead
 
     X, Y = _data()
     kw = dict(hidden=64, dropout=0.0, max_epochs=5, patience=100, random_state=3)
@@ -62,7 +62,7 @@ def test_mlp_cuda_matches_cpu_without_dropout():
 
 def test_mlp_cuda_with_dropout_learns():
     from regress.metrics import pcc_per_gene
-    from regress.mlp import MLPHead
+    from regress.heads.mlp import MLPHead
 
     X, Y = _data(n=600)
     h = MLPHead(device="cuda", max_epochs=40).fit(X[:480], Y[:480])
@@ -71,7 +71,7 @@ def test_mlp_cuda_with_dropout_learns():
 
 def test_embed_cuda_close_to_cpu_and_keyed_apart(syn_table, tmp_path):
     from featurize.cache import read_attrs, read_cache
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     kw = dict(random_init=True, batch_size=16, progress=False, num_workers=0, dtype="float32")
     cpu = embed(syn_table, ["timm:test_vit"], device="cpu", cache_dir=tmp_path, **kw)[0]
@@ -120,8 +120,8 @@ def _jpeg_table(folder, n=24, size=160):
 def test_nvjpeg_pixels_within_a_few_grey_levels_of_pillow(tmp_path):
     import torch
 
-    from featurize.decode import decode_jpegs
-    from featurize.images import load_rgb
+    from featurize.engine.decode import decode_jpegs
+    from featurize.tables.images import load_rgb
 
     table = _jpeg_table(tmp_path)
     datas = [p.read_bytes() for p in sorted((tmp_path / "t").glob("*.jpg"))]
@@ -134,7 +134,7 @@ def test_nvjpeg_pixels_within_a_few_grey_levels_of_pillow(tmp_path):
 
 def test_embed_with_nvjpeg_close_to_pillow_keyed_apart_and_counted(tmp_path):
     from featurize.cache import read_attrs, read_cache
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     table = _jpeg_table(tmp_path)
     kw = dict(random_init=True, batch_size=8, progress=False, num_workers=2, dtype="float32", device="cuda")
@@ -152,7 +152,7 @@ def test_a_corrupt_jpeg_in_an_nvjpeg_batch_is_a_bad_tile_as_with_pillow(tmp_path
 
     from featurize.cache import read_cache
     from featurize.errors import ImageError
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     table = _jpeg_table(tmp_path)
     victim = tmp_path / "t" / "003.jpg"

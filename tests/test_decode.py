@@ -11,11 +11,11 @@ from conftest import rewrite_info
 from PIL import Image
 
 from featurize.cache import read_attrs, read_cache
-from featurize.decode import decode_jpegs, plain_jpeg_size, resize_on_device, resolve_decoder
+from featurize.engine.decode import decode_jpegs, plain_jpeg_size, resize_on_device, resolve_decoder
 from featurize.errors import CacheError, ImageError, UsageError
-from featurize.extract import embed
-from featurize.images import load_rgb
-from featurize.transforms import resize_uint8
+from featurize.engine.extract import embed
+from featurize.tables.images import load_rgb
+from featurize.models.transforms import resize_uint8
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
@@ -248,8 +248,8 @@ def test_cli_decode_flag_and_predict_reuses_the_training_decoder(mixed, tmp_path
 
 def test_predict_refuses_a_device_without_the_training_decoder(mixed, tmp_path):
     """A run whose caches were decoded by nvJPEG cannot be matched on a CPU: refused before any embedding."""
-    from regress.fit import fit_run
-    from regress.predict import predict_table
+    from regress.runs.fit import fit_run
+    from regress.runs.predict import predict_table
 
     cache = tmp_path / "c"
     embed(mixed, ["timm:test_resnet"], random_init=True, cache_dir=cache, decode="device", **KW)

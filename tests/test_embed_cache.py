@@ -11,8 +11,8 @@ from PIL import Image
 
 from featurize.cache import find_cache, list_caches, load_features, read_attrs, read_cache, verify_cache
 from featurize.errors import CacheError, DeviceError, ImageError
-from featurize.extract import embed
-from featurize.table import read_table
+from featurize.engine.extract import embed
+from featurize.tables.table import read_table
 
 KW = dict(batch_size=16, progress=False, num_workers=0)
 
@@ -25,7 +25,7 @@ def test_cache_round_trip_and_attrs(syn_cache):
     assert cache.features.shape == (48, 64) and np.isfinite(cache.features).all()
     a = cache.attrs
     assert a["complete"] and a["random_init"] and a["weights_source"] == "random-init"
-    from featurize.digests import content_fingerprint, file_digest
+    from featurize.tables.digests import content_fingerprint, file_digest
 
     assert a["tta"] == 1 and a["table_fingerprint"] == content_fingerprint(table.ids, [file_digest(p) for p in table.paths])
     assert {"torch", "timm"} <= set(json.loads(a["versions"])) and "notes" not in json.loads(a["key_json"])["spec"]
@@ -127,7 +127,7 @@ def test_table_that_gains_rows_embeds_only_the_new_ones(tmp_path, capsys, monkey
     df.iloc[:10].to_csv(tab, index=False)
     embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)
     df.to_csv(tab, index=False)  # 4 more rows
-    import featurize.extract as ex
+    import featurize.engine.extract as ex
 
     seen = []
     real = ex._embed_batch
@@ -150,7 +150,7 @@ def test_touched_tiles_are_rehashed_not_reembedded_and_deep_verify_checks_conten
     tile = tmp_path / "w" / "t" / "5.bmp"
     st = tile.stat()
     os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: new stat, same bytes
-    import featurize.extract as ex
+    import featurize.engine.extract as ex
 
     monkeypatch.setattr(ex, "create_backbone", lambda *a: pytest.fail("nothing should be embedded"))
     assert embed(tab, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", **KW)[0] == p
@@ -166,9 +166,9 @@ def test_touched_tiles_are_rehashed_not_reembedded_and_deep_verify_checks_conten
 
 
 def test_non_finite_features_are_refused_at_write_and_at_read(tmp_path, syn_cache):
-    from featurize.backbones import get_spec
+    from featurize.models.backbones import get_spec
     from featurize.cache import CacheKey, CacheWriter
-    from featurize.weights import resolve_weights
+    from featurize.models.weights import resolve_weights
 
     spec = get_spec("timm:test_vit")
     key = CacheKey("t", spec, resolve_weights(spec, None, True), 1, "float16")
@@ -251,10 +251,10 @@ def test_autocast_precision_is_part_of_the_cache_key():
 
     import torch
 
-    from featurize.backbones import get_spec
+    from featurize.models.backbones import get_spec
     from featurize.cache import CacheKey
-    from featurize.extract import compute_dtype
-    from featurize.weights import resolve_weights
+    from featurize.engine.extract import compute_dtype
+    from featurize.models.weights import resolve_weights
 
     spec = get_spec("timm:test_vit")
     key = CacheKey("t", spec, resolve_weights(spec, None, True), 1, "float16")

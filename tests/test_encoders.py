@@ -24,9 +24,9 @@ import timm
 import torch
 from PIL import Image
 
-from featurize.backbones import get_spec
-from featurize.models import build_model, create_backbone, embedding_dim, extract
-from featurize.weights import resolve_weights
+from featurize.models.backbones import get_spec
+from featurize.models.build import build_model, create_backbone, embedding_dim, extract
+from featurize.models.weights import resolve_weights
 
 SWIGLU = {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
 OFFICIAL = {  # name: (timm architecture, kwargs as the official instructions pass them, published params in millions)
@@ -58,7 +58,7 @@ def _layout(model):
 
 
 def test_every_hest_leaderboard_encoder_is_registered_with_its_transform():
-    from featurize.backbones import list_backbones
+    from featurize.models.backbones import list_backbones
 
     assert HEST_LEADERBOARD <= set(list_backbones())
     assert get_spec("prov_gigapath").transform.startswith("resize 256 + centre crop 224 bicubic")
@@ -164,7 +164,7 @@ def test_hest_resnet50_trunc_loads_torchvision_weights_and_stops_after_layer3(tm
 
 
 def _conch_reference(sd, x, heads):
-    """CONCH v1.5's pooled embedding computed straight from the checkpoint tensors (independent of featurize.encoders)."""
+    """CONCH v1.5's pooled embedding computed straight from the checkpoint tensors (independent of featurize.models.encoders)."""
     import torch.nn.functional as F
 
     trunk = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=x.shape[-1], patch_size=16,
@@ -225,7 +225,7 @@ def test_uni_weights_found_in_the_hf_cache_whatever_the_case(tmp_path, monkeypat
 
 def test_prov_gigapath_transform_is_resize_256_then_centre_crop_224():
     tvt = pytest.importorskip("torchvision.transforms")
-    from featurize.transforms import resize_uint8
+    from featurize.models.transforms import resize_uint8
 
     rng = np.random.default_rng(0)
     img = Image.fromarray((rng.random((300, 300, 3)) * 255).astype(np.uint8))

@@ -18,7 +18,7 @@ from featurize.errors import ImportDataError
 from featurize.importers.embeddings import import_embeddings, read_embedding_file
 from featurize.importers.hest import import_hest
 from featurize.importers.visium import fit_pixel_size, import_visium, make_unique, read_positions
-from featurize.table import read_table
+from featurize.tables.table import read_table
 
 README_PX_PER_UM = 1.38  # formats/README: neighbouring spots 138 px and 100 um apart
 POS_COLS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]

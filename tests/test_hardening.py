@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 import cli
 from featurize.cache import read_cache
 from featurize.errors import CacheError, HexpressError, RunError
-from featurize.extract import embed
-from featurize.images import load_rgb
+from featurize.engine.extract import embed
+from featurize.tables.images import load_rgb
 from featurize.synthetic import make_synthetic_table
-from featurize.table import read_table
-from regress.runs import load_run
+from featurize.tables.table import read_table
+from regress.runs.folder import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(batch_size=16, progress=False, num_workers=0)
@@ -163,12 +163,12 @@ def test_disk_full_is_a_clear_error_and_a_rerun_recovers(syn_table, tmp_path, mo
 
 def test_interrupted_fit_leaves_no_run_folder(syn_cache, tmp_path, monkeypatch):
     table, cache_dir = syn_cache
-    import regress.runs
+    import regress.runs.folder
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(regress.runs, "save_model", boom)  # interrupted while writing the run folder
+    monkeypatch.setattr(regress.runs.folder, "save_model", boom)  # interrupted while writing the run folder
     rc = cli.main(["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(cache_dir),
                    "--runs-dir", str(tmp_path), "--folds", "4"])
     assert rc == 130

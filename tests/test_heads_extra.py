@@ -7,10 +7,10 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from regress.knn import KNNHead
-from regress.krr import KernelRidgeHead
-from regress.ridge import RidgeHead
-from regress.rrr import ReducedRankRidgeHead
+from regress.heads.knn import KNNHead
+from regress.heads.krr import KernelRidgeHead
+from regress.heads.ridge import RidgeHead
+from regress.heads.rrr import ReducedRankRidgeHead
 
 
 def _low_rank(n=200, d=30, g=40, rank=3, noise=2.0, seed=0):
@@ -57,7 +57,7 @@ def test_reduced_rank_ridge_finds_a_low_rank_signal_and_beats_ridge_on_new_rows(
 
 def test_reduced_rank_ridge_rank_choice_never_sees_the_validation_rows_axes(monkeypatch):
     """In each CV fold the principal axes come from the fold's training rows only."""
-    import regress.rrr as rrr
+    import regress.heads.rrr as rrr
 
     seen = []
     real = rrr._axes
@@ -236,7 +236,7 @@ def _members(n=240, g=20, seed=0):
 
 
 def test_select_stack_leaves_out_a_useless_run_and_a_duplicate():
-    from regress.stack import Stack
+    from regress.runs.stack import Stack
 
     Y, fold, preds = _members()
     st = Stack("select").fit(preds, Y, fold=fold)
@@ -247,7 +247,7 @@ def test_select_stack_leaves_out_a_useless_run_and_a_duplicate():
 
 def test_select_stack_scores_are_brute_force_cross_fitting():
     from regress.metrics import pcc_per_gene
-    from regress.stack import _cross_fitted_score, _nnls_weights
+    from regress.runs.stack import _cross_fitted_score, _nnls_weights
 
     Y, fold, preds = _members(seed=1)
     P = np.stack(preds[:3])
@@ -262,7 +262,7 @@ def test_select_stack_scores_are_brute_force_cross_fitting():
 @pytest.mark.parametrize("method", ["select", "shrink"])
 def test_select_and_shrink_stacks_need_the_runs_folds(method):
     from featurize.errors import UsageError
-    from regress.stack import Stack
+    from regress.runs.stack import Stack
 
     Y, fold, preds = _members()
     with pytest.raises(UsageError, match="folds"):
@@ -273,7 +273,7 @@ def test_shrink_stack_keeps_every_run_and_chooses_the_shrinkage_by_brute_force_c
     """shrink: the factor whose blend scores best when each fold's weights come from the other folds (computed here
     by hand), and the weights are that mix of per-gene and global non-negative blends over all runs."""
     from regress.metrics import pcc_per_gene
-    from regress.stack import SHRINK_GRID, Stack, _global_weights, _nnls_weights
+    from regress.runs.stack import SHRINK_GRID, Stack, _global_weights, _nnls_weights
 
     Y, fold, preds = _members(seed=2)
     P = np.stack(preds)
@@ -297,7 +297,7 @@ def test_shrink_stack_keeps_every_run_and_chooses_the_shrinkage_by_brute_force_c
 def test_center_folds_stack_learns_from_within_fold_variation_only(method):
     """With center_folds the weights are those of the stacker fitted on the fold-centred predictions and targets
     (brute force), so per-fold offsets added to a run change nothing; predictions keep the raw scale."""
-    from regress.stack import Stack, _nnls_weights
+    from regress.runs.stack import Stack, _nnls_weights
 
     Y, fold, preds = _members(seed=2)
     preds = preds[:3]
@@ -331,7 +331,7 @@ def test_center_folds_stack_learns_from_within_fold_variation_only(method):
 
 def test_center_folds_stack_needs_the_folds():
     from featurize.errors import UsageError
-    from regress.stack import Stack
+    from regress.runs.stack import Stack
 
     Y, _, preds = _members()
     with pytest.raises(UsageError, match="folds"):
@@ -340,7 +340,7 @@ def test_center_folds_stack_needs_the_folds():
 
 def test_head_params_read_shell_booleans_and_reach_the_head():
     """``--head-param per_target=false`` (as typed in a shell) is the boolean False, not the string 'false'."""
-    from regress.heads import make_head, parse_head_params
+    from regress.heads.registry import make_head, parse_head_params
 
     p = parse_head_params(["per_target=false", "scoring=mse", "max_samples=500"])
     assert p == {"per_target": False, "scoring": "mse", "max_samples": 500}

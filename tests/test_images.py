@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from featurize.errors import ImageError
-from featurize.images import load_rgb
+from featurize.tables.images import load_rgb
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F", "1"])

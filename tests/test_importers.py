@@ -14,7 +14,7 @@ from featurize.importers.embeddings import import_embeddings
 from featurize.importers.hest import import_hest
 from featurize.importers.st import import_st
 from featurize.importers.visium import import_visium
-from featurize.table import read_table
+from featurize.tables.table import read_table
 
 
 def _fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600)):

@@ -139,7 +139,7 @@ def test_two_fits_of_one_name_never_replace_each_other(world, tmp_path):
 def test_a_killed_re_cut_never_leaves_an_old_table_over_new_tiles(tmp_path):
     from test_importers import _fake_st
 
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     _fake_st(tmp_path / "st")
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_an_oof_file_with_an_external_link_is_refused(world, tmp_path, capsys):
             o["y"] = y
         fh["y"] = h5py.ExternalLink(str(tmp_path / "y.h5"), "y")
     from featurize.errors import RunError
-    from regress.runs import load_run, manifest
+    from regress.runs.folder import load_run, manifest
 
     info = json.loads((folder / "run.json").read_text())
     info["files"] = manifest(folder)  # as a crafted folder would: the manifest agrees, the storage check refuses
@@ -287,7 +287,7 @@ def test_an_oof_file_with_an_external_link_is_refused(world, tmp_path, capsys):
 # ============================================================== 6. garbage as targets or settings
 def test_non_gene_columns_and_duplicate_headers_are_refused(tmp_path):
     from featurize.errors import TableError
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     t = make_synthetic_table(tmp_path, n=8, n_genes=3, size=16)
     df = pd.read_csv(t)
@@ -440,7 +440,7 @@ def one_run(world, tmp_path):
 
 def reseal(folder: Path, info: dict | None = None) -> None:
     """Re-seal a run after a deliberate edit (as a crafted folder would), so the schema checks are what refuse it."""
-    from regress.runs import manifest
+    from regress.runs.folder import manifest
 
     info = info or json.loads((folder / "run.json").read_text())
     info["files"] = manifest(folder)
@@ -555,8 +555,8 @@ def test_dev_zero_a_fifo_and_a_huge_pack_member_are_refused_by_row(world, tmp_pa
 
 # ============================================================== 12. cache merge takes the lock
 def test_cache_merge_waits_for_the_cache_lock(world, tmp_path):
-    from featurize.extract import final_cache_paths
-    from featurize.table import read_table
+    from featurize.engine.extract import final_cache_paths
+    from featurize.tables.table import read_table
 
     root, train, test, cache = world
     c = tmp_path / "c"
@@ -584,7 +584,7 @@ def test_cache_merge_waits_for_the_cache_lock(world, tmp_path):
 # ============================================================== 13. messages and leftovers
 def test_image_errors_name_the_file_not_a_buffer(tmp_path):
     from featurize.errors import ImageError
-    from featurize.images import load_rgb
+    from featurize.tables.images import load_rgb
 
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not an image at all" * 10)
@@ -612,7 +612,7 @@ def test_no_cache_is_said_before_a_wide_table_is_read(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("point", ["run-before-swap", "run-between-renames", "run-after-swap"])
 @pytest.mark.parametrize("what", ["fit", "stack"])
 def test_a_writer_killed_anywhere_leaves_the_old_or_the_new_result_never_none(world, tmp_path, point, what):
-    from regress.runs import open_result
+    from regress.runs.folder import open_result
 
     root, train, test, cache = world
     runs = tmp_path / "runs"

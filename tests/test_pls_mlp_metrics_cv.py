@@ -5,8 +5,8 @@ from sklearn.cross_decomposition import PLSRegression
 
 from regress.cv import make_splits
 from regress.metrics import evaluate, evaluate_by_fold, pcc_per_gene, pcc_per_tile
-from regress.mlp import MLPHead
-from regress.pls import PLSHead
+from regress.heads.mlp import MLPHead
+from regress.heads.pls import PLSHead
 
 
 def _data(n=200, d=30, g=12, seed=0):

@@ -6,9 +6,9 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -
 
 from featurize.cache import read_cache  # noqa: E402
 from featurize.errors import CacheError  # noqa: E402
-from featurize.extract import embed, final_cache_paths  # noqa: E402
-from featurize.ray_engine import embed_ray  # noqa: E402
-from featurize.table import read_table  # noqa: E402
+from featurize.engine.extract import embed, final_cache_paths  # noqa: E402
+from featurize.engine.ray_engine import embed_ray  # noqa: E402
+from featurize.tables.table import read_table  # noqa: E402
 
 KW = dict(random_init=True, batch_size=16, num_workers=0)
 

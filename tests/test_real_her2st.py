@@ -3,10 +3,10 @@ import numpy as np
 
 from conftest import HER2ST, needs_her2st
 from featurize.cache import load_features
-from featurize.extract import embed
+from featurize.engine.extract import embed
 from featurize.importers.st import import_st
-from featurize.table import read_table
-from regress.fit import fit_run
+from featurize.tables.table import read_table
+from regress.runs.fit import fit_run
 
 
 @needs_her2st

@@ -7,8 +7,8 @@ from sklearn.preprocessing import StandardScaler
 
 from conftest import rel_err, ridge_data
 from regress.cv import make_splits
-from regress.ridge import RidgeHead
-from regress.selection import best_index
+from regress.heads.ridge import RidgeHead
+from regress.heads.selection import best_index
 
 
 @pytest.mark.parametrize("standardize", [False, True])
@@ -160,8 +160,8 @@ def test_torch_path_equals_numpy_path(cv, d):
 def test_sum_of_squares_without_predictions_equals_forming_them(device):
     """The partial-fraction sum of P_alpha^2 equals forming every P_alpha, with tied and
     near-tied eigenvalues (runs) and a zero one in the spectrum."""
-    from regress.backend import get_backend
-    from regress.ridge import _SumSq
+    from regress.heads.backend import get_backend
+    from regress.heads.ridge import _SumSq
 
     be = get_backend(device)
     rng = np.random.default_rng(3)

@@ -11,9 +11,9 @@ import pytest
 import cli
 from featurize.cache import read_cache
 from featurize.errors import CacheError
-from featurize.extract import embed
-from featurize.shards import final_of, merge_shards, parse_shard, shard_path, shard_rows
-from featurize.table import read_table
+from featurize.engine.extract import embed
+from featurize.engine.shards import final_of, merge_shards, parse_shard, shard_path, shard_rows
+from featurize.tables.table import read_table
 
 KW = dict(random_init=True, batch_size=16, progress=False, num_workers=0)
 TIMING = {"created", "completed"}
@@ -152,7 +152,7 @@ def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_p
         assert fa["digests"][()].tobytes() == fb["digests"][()].tobytes()  # same content identity
     # the loose table's cache serves the packed table: its rows are copied into the packed table's own folder
     # (two tables never share one file), nothing is embedded
-    import featurize.extract as ex
+    import featurize.engine.extract as ex
 
     monkeypatch.setattr(ex, "create_backbone", lambda *a: pytest.fail("re-embedded"))
     shared = embed(packed, ["timm:test_vit"], cache_dir=tmp_path / "a", **KW)[0]
@@ -162,7 +162,7 @@ def test_packed_table_reads_the_same_bytes_and_shares_the_cache(syn_table, tmp_p
 
     assert verify_cache(pk, deep=True) == []
     with pytest.raises(Exception, match="another folder"):
-        from featurize.pack import pack_table
+        from featurize.tables.pack import pack_table
 
         pack_table(syn_table, syn_table.parent)
 
@@ -194,7 +194,7 @@ def _stream_vs_memory(cls, kw, grouped, seed, attr, constant_gene=False):
                                 {"alphas": (3.0,)}, {"cv": 3}])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
-    from regress.ridge import RidgeHead
+    from regress.heads.ridge import RidgeHead
 
     got = _stream_vs_memory(RidgeHead, kw, grouped, 1, "alpha_", constant_gene=True)
     assert list(got.constant_targets_) == [3]
@@ -203,14 +203,14 @@ def test_streaming_ridge_equals_the_in_memory_fit(kw, grouped):
 @pytest.mark.parametrize("kw", [{}, {"scoring": "pcc"}, {"n_components": 4}, {"scale": False}])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_streaming_pls_equals_the_in_memory_fit(kw, grouped):
-    from regress.pls import PLSHead
+    from regress.heads.pls import PLSHead
 
     _stream_vs_memory(PLSHead, kw, grouped, 2, "n_components_")
 
 
 def test_streaming_ridge_refuses_what_it_does_not_do():
     from featurize.errors import UsageError
-    from regress.ridge import RidgeHead
+    from regress.heads.ridge import RidgeHead
 
     X, Y = np.zeros((10, 20)), np.zeros((10, 2))
     chunks = lambda: iter([(0, X, Y)])  # noqa: E731
@@ -226,7 +226,7 @@ def test_streaming_ridge_refuses_what_it_does_not_do():
 def test_fit_stream_writes_a_run_like_the_in_memory_fit(tmp_path):
     """fit --stream: the same folds, nested alphas, metrics from sums; the run folder has the usual contents."""
     from featurize.synthetic import make_synthetic_table
-    from regress.runs import load_run
+    from regress.runs.folder import load_run
 
     table = make_synthetic_table(tmp_path / "d", n=160, n_genes=6, size=32, name="train", seed=3)
     cache_dir = tmp_path / "cache"
@@ -252,7 +252,7 @@ def test_fit_stream_writes_a_run_like_the_in_memory_fit(tmp_path):
     # the streamed refit = the in-memory ridge on all rows with its alphas chosen over the same (outer) folds
     from sklearn.model_selection import PredefinedSplit
 
-    from regress.ridge import RidgeHead
+    from regress.heads.ridge import RidgeHead
 
     X = read_cache(next(p for p in cache_dir.glob("train-*/timm_test_vit-*.h5") if ".shard-" not in p.name)).features
     ref_model = RidgeHead(cv=PredefinedSplit(db.fold)).fit(X, db.y)

@@ -1,4 +1,4 @@
-"""Multi-scale stacks: each run is fed test tiles of the physical size it was trained on (regress/scales.py)."""
+"""Multi-scale stacks: each run is fed test tiles of the physical size it was trained on (regress/runs/scales.py)."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,10 +9,10 @@ import cli
 from conftest import at_tile_size, embedded_train_test, record_tile_size
 from featurize.errors import RunError, TableError
 from featurize.synthetic import make_synthetic_table
-from regress.predict import predict_table
-from regress.runs import open_result
-from regress.scales import assign_tables, distinct_sizes
-from regress.stack import load_stack
+from regress.runs.predict import predict_table
+from regress.runs.folder import open_result
+from regress.runs.scales import assign_tables, distinct_sizes
+from regress.runs.stack import load_stack
 
 
 def run(argv):

@@ -49,7 +49,7 @@ def test_spatial_and_qc_columns_are_never_genes_and_fit_says_what_it_took(world,
     t = train.parent / "train_qc.csv"
     df.assign(in_tissue=1, array_row=np.arange(len(df)), pxl_row_in_fullres=np.arange(len(df)) * 10.0,
               total_counts=np.arange(len(df)) + 100).to_csv(t, index=False)
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     table = read_table(t)
     assert table.genes == [c for c in df.columns if c.startswith("GENE")]
@@ -67,7 +67,7 @@ def test_an_importers_sidecar_decides_the_genes(tmp_path):
     from test_importers import _fake_st
 
     from featurize.importers.st import import_st
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     _fake_st(tmp_path / "st")
     out = import_st(tmp_path / "st", tmp_path / "out", name="t", tile_px=100, out_px=16, n_genes=5, min_spots=0.0)
@@ -83,7 +83,7 @@ def test_an_importers_sidecar_decides_the_genes(tmp_path):
 
 
 def test_cuda_with_a_head_without_a_gpu_path_is_an_error():
-    from regress.heads import gpu_heads, make_head
+    from regress.heads.registry import gpu_heads, make_head
 
     assert "ridge" in gpu_heads() and "pls" not in gpu_heads()
     for head in ("pls", "knn", "krr"):
@@ -94,14 +94,14 @@ def test_cuda_with_a_head_without_a_gpu_path_is_an_error():
 
 
 def test_automatic_streaming_says_so_and_no_stream_turns_it_off(world, tmp_path, monkeypatch, capsys):
-    import regress.fit
+    import regress.runs.fit
 
-    monkeypatch.setattr(regress.fit, "_too_big", lambda data: True)
+    monkeypatch.setattr(regress.runs.fit, "_too_big", lambda data: True)
 
     def streamed(*a, **k):
         raise UsageError("took the streaming path")
 
-    monkeypatch.setattr(regress.fit, "_fit_run_streaming", streamed)
+    monkeypatch.setattr(regress.runs.fit, "_fit_run_streaming", streamed)
     capsys.readouterr()
     assert fit(world, tmp_path / "a") == 2
     got = capsys.readouterr()
@@ -123,7 +123,7 @@ def test_more_folds_than_rows_is_an_error_not_a_silent_clamp():
 def test_a_timm_model_without_a_pretrained_config_is_warned_and_recorded(monkeypatch, capsys):
     import timm
 
-    from featurize.backbones import _timm_spec
+    from featurize.models.backbones import _timm_spec
 
     monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)
     spec = _timm_spec("timm:test_vit")
@@ -133,7 +133,7 @@ def test_a_timm_model_without_a_pretrained_config_is_warned_and_recorded(monkeyp
 
 def test_imported_test_embeddings_must_match_the_training_ones():
     from featurize.errors import CacheError
-    from regress.predict import _check_imported
+    from regress.runs.predict import _check_imported
 
     train = {"spec": {"name": "uni", "embed_dim": 1024, "architecture": "external:a.h5"}, "dtype": "float32", "tta": 1,
              "params": {"patch_size_level0": 224}}
@@ -160,7 +160,7 @@ def test_stack_names_the_flags_that_exist(capsys):
 
 
 def test_synthetic_tables_are_unaffected(tmp_path):
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     t = read_table(make_synthetic_table(tmp_path, n=4, n_genes=3, size=16))
     assert t.genes == ["GENE000", "GENE001", "GENE002"] and t.ignored == ()
@@ -183,8 +183,8 @@ def test_help_and_backbones_import_no_heavy_library(argv):
 
 
 def test_every_head_declares_how_it_is_stored_and_none_falls_back_to_pickle(tmp_path):
-    from regress.heads import HEADS, make_head
-    from regress.persist import is_safe, safe_classes, save_model
+    from regress.heads.registry import HEADS, make_head
+    from regress.heads.persist import is_safe, safe_classes, save_model
 
     for name, preset in HEADS.items():
         est = make_head(name, "cpu", 0)
@@ -204,8 +204,8 @@ def test_every_head_declares_how_it_is_stored_and_none_falls_back_to_pickle(tmp_
 
 def test_two_tables_of_one_name_never_share_or_evict_a_cache(tmp_path, monkeypatch):
     from featurize.cache import load_features
-    from featurize.extract import embed
-    from featurize.table import read_table
+    from featurize.engine.extract import embed
+    from featurize.tables.table import read_table
 
     a = make_synthetic_table(tmp_path / "a", n=12, n_genes=2, size=24, seed=1)  # both are train.csv
     b = make_synthetic_table(tmp_path / "b", n=12, n_genes=2, size=24, seed=2)
@@ -213,7 +213,7 @@ def test_two_tables_of_one_name_never_share_or_evict_a_cache(tmp_path, monkeypat
     pa = embed(a, ["timm:test_vit"], **kw)[0]
     pb = embed(b, ["timm:test_vit"], **kw)[0]
     assert pa.parent != pb.parent and pa.parent.name.startswith("train-") and pa.exists() and pb.exists()
-    import featurize.extract as ex
+    import featurize.engine.extract as ex
 
     monkeypatch.setattr(ex, "create_backbone", lambda *x: pytest.fail("embedded again: the cache was evicted"))
     assert embed(a, ["timm:test_vit"], **kw)[0] == pa  # up to date, not re-embedded

@@ -1,12 +1,12 @@
 """scikit-learn's own estimator checks on every head."""
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from regress.knn import KNNHead
-from regress.krr import KernelRidgeHead
-from regress.mlp import MLPHead
-from regress.pls import PLSHead
-from regress.ridge import RidgeHead
-from regress.rrr import ReducedRankRidgeHead
+from regress.heads.knn import KNNHead
+from regress.heads.krr import KernelRidgeHead
+from regress.heads.mlp import MLPHead
+from regress.heads.pls import PLSHead
+from regress.heads.ridge import RidgeHead
+from regress.heads.rrr import ReducedRankRidgeHead
 
 
 @parametrize_with_checks([RidgeHead(), RidgeHead(cv="gcv"), PLSHead(n_components=2), PLSHead(),

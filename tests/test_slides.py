@@ -11,7 +11,7 @@ import cli
 from conftest import VISIUM, at_tile_size, needs_visium, record_tile_size
 from featurize.errors import ImportDataError
 from featurize.importers.st import import_st
-from featurize.table import read_table
+from featurize.tables.table import read_table
 
 
 def run(argv):
@@ -67,7 +67,7 @@ def test_section_names_without_a_patient_letter_are_their_own_patients(tmp_path,
     with pytest.raises(ImportDataError, match="no such section"):
         import_st(tmp_path / "st", tmp_path / "o3", name="t", tile_px=50, n_genes=5, min_spots=0.0, patients={"x": "A"})
     # one patient: fit names the column and what to use instead
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     embed(out2, ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", batch_size=32, progress=False,
           num_workers=0)
@@ -95,7 +95,7 @@ def test_sample_sheet_with_patients_and_gene_names(tmp_path):
     assert all(g.startswith("ENSG") for g in t.genes)  # IDs kept as the table's columns
     assert side["gene_names"][t.genes[0]] == f"SYM{ids.index(t.genes[0])}" and side["genes"]["symbols_found"] == 6
     # symbols carried into the run and its report
-    from featurize.extract import embed
+    from featurize.engine.extract import embed
 
     embed(tmp_path / "o" / "t.csv", ["timm:test_vit"], random_init=True, cache_dir=tmp_path / "c", batch_size=32,
           progress=False, num_workers=0)
@@ -249,9 +249,9 @@ def test_predict_slide_on_a_pyramidal_tiff_writes_anndata_that_scanpy_plots(slid
     plt.savefig(tmp_path / "scanpy.png")
     assert (tmp_path / "scanpy.png").stat().st_size > 5000
     # a second head on the same slide: no network time (the tiles' caches are reused)
-    import featurize.extract
+    import featurize.engine.extract
 
-    monkeypatch.setattr(featurize.extract, "create_backbone", lambda *a: pytest.fail("re-embedded"))
+    monkeypatch.setattr(featurize.engine.extract, "create_backbone", lambda *a: pytest.fail("re-embedded"))
     assert run(["predict-slide", runs / "train-timm_test_vit-mean", root / "slide.tif", "--out", tmp_path / "m.h5ad",
                 "--cache-dir", tmp_path / "c", "--device", "cpu", "--quiet", "--work-dir", tmp_path / "pred_tiles"]) == 0
 
@@ -305,7 +305,7 @@ def test_predict_out_h5ad_for_a_tile_table(slide_run, tmp_path):
 
 
 def test_recutting_a_slide_at_another_tile_size_never_reuses_the_earlier_tiles(tmp_path):
-    from featurize.wsi import cut_slide, open_slide
+    from featurize.tables.wsi import cut_slide, open_slide
 
     Image.fromarray(_blob_slide()).save(tmp_path / "s.png")
     slide = open_slide(tmp_path / "s.png", 0.5)
@@ -324,8 +324,8 @@ def test_recutting_a_slide_at_another_tile_size_never_reuses_the_earlier_tiles(t
 def test_predict_slide_with_a_two_size_stack_cuts_each_size_around_the_same_centres(slide_run, tmp_path, capsys):
     import anndata
 
-    from featurize.wsi import open_slide
-    from regress.predict import predict_table
+    from featurize.tables.wsi import open_slide
+    from regress.runs.predict import predict_table
 
     root = slide_run
     train2 = at_tile_size(root / "data" / "train.csv", "train_x2", 200.0)  # the same spots with their surroundings

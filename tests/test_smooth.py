@@ -4,10 +4,10 @@ import numpy as np
 
 import cli
 from conftest import embedded_train_test
-from regress.context import neighbour_mean
+from regress.post.context import neighbour_mean
 from regress.cv import make_splits
-from regress.ridge import RidgeHead
-from regress.smooth import choose_lambdas, smooth, smoothed_cv
+from regress.heads.ridge import RidgeHead
+from regress.post.smooth import choose_lambdas, smooth, smoothed_cv
 
 
 def _slides(n_slides=4, side=12, genes=5, seed=0):
@@ -57,8 +57,8 @@ def test_no_leakage_held_out_targets_do_not_change_held_out_predictions():
 
 
 def test_fit_smooth_records_lambdas_and_predict_applies_them(tmp_path):
-    from regress.predict import predict_table
-    from regress.runs import load_run
+    from regress.runs.predict import predict_table
+    from regress.runs.folder import load_run
 
     table, test, _ = embedded_train_test(tmp_path, 4)
     argv = ["fit", "--data", str(table), "--backbone", "timm:test_vit", "--cache-dir", str(tmp_path / "c"),
@@ -70,7 +70,7 @@ def test_fit_smooth_records_lambdas_and_predict_applies_them(tmp_path):
     assert run.info["identity_fields"]["smooth"] == 4
     got = predict_table(run.path, test, cache_dir=tmp_path / "c", device="cpu", log=lambda *a: None)
     from featurize.cache import load_features
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     t = read_table(test)
     X = load_features(t, "timm:test_vit", tmp_path / "c").features

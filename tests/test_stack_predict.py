@@ -6,7 +6,7 @@ import cli
 from featurize.errors import TableError
 from featurize.synthetic import make_synthetic_table
 from regress.metrics import evaluate_by_fold
-from regress.stack import Stack
+from regress.runs.stack import Stack
 
 
 def test_stack_beats_single_runs_on_complementary_signal():
@@ -88,7 +88,7 @@ def test_predict_refuses_bad_input_and_writes_nothing(fitted, tmp_path):
     bad.to_csv(root / "bad_missing.csv", index=False)
     out = tmp_path / "s.csv"
     with pytest.raises(TableError, match="does not exist"):
-        from regress.predict import predict_table
+        from regress.runs.predict import predict_table
 
         predict_table(run, root / "bad_missing.csv", cache_dir=root / "cache", device="cpu")
     rc = cli.main(["predict", str(run), "--data", str(root / "bad_missing.csv"), "--out", str(out),
@@ -113,7 +113,7 @@ def test_predict_refuses_bad_input_and_writes_nothing(fitted, tmp_path):
 def test_stack_center_folds_from_the_cli_is_recorded_and_predicts(fitted, method):
     import json
 
-    from regress.stack import load_stack
+    from regress.runs.stack import load_stack
 
     root, train, test, tmpl, genes = fitted
     out = root / "runs" / f"stack-centered-{method}"

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from featurize.errors import TableError
-from featurize.table import read_table
+from featurize.tables.table import read_table
 
 
 def _write(tmp_path, df, name="t.csv"):

@@ -70,7 +70,7 @@ def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert fit(world, a) == 0
     assert fit(world, b, "--head", "pls", "--folds", "3") == 0
-    from regress.stack import stack_runs
+    from regress.runs.stack import stack_runs
 
     with pytest.raises(RunError, match="CV folds differ"):
         stack_runs([a / "train-timm_test_vit-ridge", b / "train-timm_test_vit-pls"], out_dir=tmp_path / "s")
@@ -89,7 +89,7 @@ def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
     d = tmp_path / "d"
     stack_runs([d / "train-timm_test_vit-ridge", d / "train-timm_test_vit-pls"], out_dir=d / "stack", log=lambda *x: None)
     assert fit(world, d, "--head", "pls", "--folds", "3", "--overwrite") == 0
-    from regress.predict import predict_table
+    from regress.runs.predict import predict_table
 
     with pytest.raises(RunError, match="member run was refitted with other settings since stack"):
         predict_table(d / "stack", test, cache_dir=cache, device="cpu")
@@ -99,8 +99,8 @@ def test_stack_and_predict_refuse_runs_that_disagree(world, tmp_path):
 @pytest.mark.parametrize("head", ["ridge", "ridge-pcc", "hest", "ridge-rr", "knn", "krr", "pls", "mlp",
                                   "mean"])
 def test_built_in_heads_round_trip_without_pickle(head, tmp_path):
-    from regress.heads import make_head
-    from regress.persist import load_model, save_model
+    from regress.heads.registry import make_head
+    from regress.heads.persist import load_model, save_model
 
     rng = np.random.default_rng(0)
     X, Y = rng.standard_normal((60, 8)), rng.standard_normal((60, 3))
@@ -155,9 +155,9 @@ def test_head_params_are_checked_and_never_silently_overridden(world, tmp_path, 
 
 
 def test_builtin_heads_declare_parameter_constraints():
-    from regress.mlp import MLPHead
-    from regress.pls import PLSHead
-    from regress.ridge import RidgeHead
+    from regress.heads.mlp import MLPHead
+    from regress.heads.pls import PLSHead
+    from regress.heads.ridge import RidgeHead
 
     for cls in (RidgeHead, PLSHead, MLPHead):
         assert set(cls._parameter_constraints) == set(cls().get_params())
@@ -229,7 +229,7 @@ def test_damaged_cache_is_named_as_damaged_and_embed_replaces_it(world, tmp_path
     f.write_bytes(data[: len(data) // 3])
     from featurize.cache import load_features
     from featurize.errors import CacheError
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     with pytest.raises(CacheError, match="damaged"):
         load_features(read_table(train), "timm:test_vit", c)
@@ -244,7 +244,7 @@ def test_stale_imported_cache_suggests_import_embeddings(tmp_path):
     from featurize.cache import load_features
     from featurize.errors import CacheError
     from featurize.importers.embeddings import import_embeddings
-    from featurize.table import read_table
+    from featurize.tables.table import read_table
 
     pd.DataFrame({"ID": ["a", "b"], "path": ["x.png", "y.png"], "g": [1.0, 2.0]}).to_csv(tmp_path / "t.csv", index=False)
     with h5py.File(tmp_path / "e.h5", "w") as fh:
@@ -265,11 +265,11 @@ def test_predict_refuses_a_precision_mismatch_before_embedding(world, tmp_path, 
     info = json.loads((folder / "run.json").read_text())
     info["backbones"][0]["key"]["compute"] = "bfloat16"  # as if the training caches came from a GPU
     rewrite_info(folder, info)
-    import featurize.extract
+    import featurize.engine.extract
 
-    monkeypatch.setattr(featurize.extract, "embed", lambda *a, **k: pytest.fail("embedded before refusing"))
+    monkeypatch.setattr(featurize.engine.extract, "embed", lambda *a, **k: pytest.fail("embedded before refusing"))
     from featurize.errors import CacheError
-    from regress.predict import predict_table
+    from regress.runs.predict import predict_table
 
     with pytest.raises(CacheError, match="bfloat16.*float32"):
         predict_table(folder, test, cache_dir=tmp_path / "tc", device="cpu")

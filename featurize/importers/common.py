@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image
 
 from featurize.errors import ImportDataError
-from featurize.images import large_images_allowed, to_rgb
-from featurize.table import write_table
+from featurize.tables.images import large_images_allowed, to_rgb
+from featurize.tables.table import write_table
 
 NORMALIZATIONS = ("lognorm", "cpm", "log1p", "raw")
 

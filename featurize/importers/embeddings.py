@@ -34,12 +34,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featurize.backbones import BackboneSpec
+from featurize.models.backbones import BackboneSpec
 from featurize.cache import CacheKey, CacheWriter, cache_path
 from featurize.errors import ImportDataError
 from featurize.importers.hest import h5_strings
-from featurize.table import TileTable
-from featurize.weights import ResolvedWeights, sha256_file
+from featurize.tables.table import TileTable
+from featurize.models.weights import ResolvedWeights, sha256_file
 
 H5_SUFFIXES = (".h5", ".hdf5")
 PT_SUFFIXES = (".pt", ".pth")
