@@ -690,11 +690,15 @@ def _quiet_h5py_excepthook(kind, value, tb) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from featurize.log import configure
+    from featurize.log import scope
 
-    configure(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     sys.unraisablehook = _quiet_h5py_teardown
     sys.excepthook = _quiet_h5py_excepthook
+    with scope(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False)):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except HexpressError as exc:

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "import torch, torchvision, numpy, sklearn, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$out/gpu.txt"
 
 # 1. tests: the CUDA-only ones (ridge, MLP, embed, nvJPEG) and the decode path on this machine's stack (~60 s)
-timeout 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_decode.py 2>&1 \
+timeout 80 python3 -m pytest -q -rs -p no:cacheprovider tests/regress/heads/test_cuda.py tests/featurize/engine/test_decode.py 2>&1 \
   | tee "$out/tests.log" | tail -n 25
 echo "[gpu.sh] tests done at $((SECONDS - start)) s"
 

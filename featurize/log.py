@@ -3,12 +3,14 @@
 ``--quiet`` keeps warnings and errors, ``--verbose`` adds the debug lines, the default shows what each step did;
 progress bars stay on stderr, results (tables, paths written) on stdout.  Library code says things with
 :func:`say` (info, the default ``log=`` of the stage-2 functions) or :func:`warn`; used as an API without
-:func:`configure`, only warnings reach stderr (Python's default).
+:func:`configure`, the step lines go to stderr at the default level.
 """
 from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 LOG = logging.getLogger("hexpress")
 
@@ -35,7 +37,7 @@ class _Format(logging.Formatter):
 
 
 def configure(verbose: bool = False, quiet: bool = False) -> None:
-    """Send the library's messages to stderr at the level the flags ask for (``quiet`` wins over nothing else)."""
+    """Send the library's messages to stderr at the level the flags ask for."""
     handler = _Stderr()
     handler.setFormatter(_Format())
     LOG.handlers[:] = [handler]
@@ -43,16 +45,37 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     LOG.propagate = False
 
 
+@contextmanager
+def scope(verbose: bool = False, quiet: bool = False) -> Iterator[None]:
+    """:func:`configure` for one command, then the logger as it was (``cli.main`` called twice in one process,
+    as tests and notebooks do, never leaves the first call's ``--quiet`` behind)."""
+    saved = (list(LOG.handlers), LOG.level, LOG.propagate)
+    configure(verbose, quiet)
+    try:
+        yield
+    finally:
+        LOG.handlers[:], LOG.level, LOG.propagate = saved[0], saved[1], saved[2]
+
+
+def _ensure() -> None:
+    """Used as a library without the CLI: the step lines still reach stderr (as they always did)."""
+    if not LOG.handlers:
+        configure()
+
+
 def say(msg: str) -> None:
     """An info line (what a step did): shown by default, hidden by ``--quiet``."""
+    _ensure()
     LOG.info(msg)
 
 
 def warn(msg: str) -> None:
     """A warning (printed as ``warning: ...``): shown unless the CLI's level is above it."""
+    _ensure()
     LOG.warning(msg)
 
 
 def debug(msg: str) -> None:
     """A debug line: shown with ``--verbose``."""
+    _ensure()
     LOG.debug(msg)

@@ -158,3 +158,23 @@ def run(argv) -> int:
         return cli.main([str(a) for a in argv])
     except SystemExit as exc:
         return exc.code
+
+
+def fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600)):
+    """A tiny ST-layout section: 6x6 grid spots on a generated image; returns the spot keys."""
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for d in ("counts", "spots", "images"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    xs, ys = np.meshgrid(np.arange(2, 2 + n), np.arange(3, 3 + n))
+    xs, ys = xs.ravel(), ys.ravel()
+    spots = pd.DataFrame({"x": xs, "y": ys, "new_x": xs, "new_y": ys, "pixel_x": 60.0 + 80 * (xs - 2),
+                          "pixel_y": 70.0 + 80 * (ys - 3), "selected": 1})
+    spots.to_csv(root / "spots" / "A1_selection.tsv", sep="\t", index=False)
+    keys = [f"{x}x{y}" for x, y in zip(xs, ys)]
+    counts = pd.DataFrame(rng.poisson(3, (len(keys), genes)), index=keys, columns=[f"G{j}" for j in range(genes)])
+    counts.iloc[drop_counts:].to_csv(root / "counts" / "A1.tsv.gz", sep="\t")
+    Image.fromarray((rng.random((*image_size, 3)) * 255).astype(np.uint8)).save(root / "images" / "A1.jpg")
+    return keys

@@ -137,7 +137,7 @@ def test_two_fits_of_one_name_never_replace_each_other(world, tmp_path):
 
 # ============================================================== 3. a re-cut killed mid-way
 def test_a_killed_re_cut_never_leaves_an_old_table_over_new_tiles(tmp_path):
-    from test_importers import _fake_st
+    from conftest import fake_st as _fake_st
 
     from featurize.tables.table import read_table
 

@@ -64,7 +64,7 @@ def test_spatial_and_qc_columns_are_never_genes_and_fit_says_what_it_took(world,
 
 
 def test_an_importers_sidecar_decides_the_genes(tmp_path):
-    from test_importers import _fake_st
+    from conftest import fake_st as _fake_st
 
     from featurize.importers.st import import_st
     from featurize.tables.table import read_table
@@ -241,3 +241,13 @@ def test_quiet_and_verbose_on_every_command(world, tmp_path, capsys):
     assert fit(world, tmp_path / "b", "--quiet") == 0
     got = capsys.readouterr()
     assert "[fit]" not in got.err and "run written to" in got.out
+
+
+def test_a_quiet_command_leaves_no_quiet_logger_behind(capsys):
+    """``cli.main`` sets the level for its own command only: the library's lines come back after ``--quiet``."""
+    from featurize.log import say
+
+    assert run(["backbones", "--quiet"]) == 0
+    capsys.readouterr()
+    say("[test] a step line")
+    assert "[test] a step line" in capsys.readouterr().err

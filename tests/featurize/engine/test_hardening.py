@@ -21,7 +21,7 @@ from featurize.synthetic import make_synthetic_table
 from featurize.tables.table import read_table
 from regress.runs.folder import load_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 KW = dict(batch_size=16, progress=False, num_workers=0)
 
 

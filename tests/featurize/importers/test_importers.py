@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import HER2ST, VISIUM, needs_her2st, needs_visium
+from conftest import HER2ST, VISIUM, fake_st as _fake_st, needs_her2st, needs_visium
 from featurize.errors import ImportDataError
 from featurize.importers.common import normalize
 from featurize.importers.embeddings import import_embeddings
@@ -15,23 +15,6 @@ from featurize.importers.hest import import_hest
 from featurize.importers.st import import_st
 from featurize.importers.visium import import_visium
 from featurize.tables.table import read_table
-
-
-def _fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600)):
-    """A tiny ST-layout section: 6x6 grid spots on a generated image."""
-    rng = np.random.default_rng(seed)
-    for d in ("counts", "spots", "images"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    xs, ys = np.meshgrid(np.arange(2, 2 + n), np.arange(3, 3 + n))
-    xs, ys = xs.ravel(), ys.ravel()
-    spots = pd.DataFrame({"x": xs, "y": ys, "new_x": xs, "new_y": ys, "pixel_x": 60.0 + 80 * (xs - 2),
-                          "pixel_y": 70.0 + 80 * (ys - 3), "selected": 1})
-    spots.to_csv(root / "spots" / "A1_selection.tsv", sep="\t", index=False)
-    keys = [f"{x}x{y}" for x, y in zip(xs, ys)]
-    counts = pd.DataFrame(rng.poisson(3, (len(keys), genes)), index=keys, columns=[f"G{j}" for j in range(genes)])
-    counts.iloc[drop_counts:].to_csv(root / "counts" / "A1.tsv.gz", sep="\t")
-    Image.fromarray((rng.random((*image_size, 3)) * 255).astype(np.uint8)).save(root / "images" / "A1.jpg")
-    return keys
 
 
 def test_st_import_reports_dropped_spots_and_pads(tmp_path):
