@@ -29,7 +29,7 @@ def output_error(out: Path, exc: BaseException, written: int = 0) -> OutputError
     if full:
         return OutputError(f"{out}: cannot be written, the disk is full ({space_message(out, written)}); free disk "
                            "space or write elsewhere, and rerun - nothing was replaced.")
-    why = getattr(exc, "strerror", None) or text.splitlines()[0][:160] if text else type(exc).__name__
+    why = getattr(exc, "strerror", None) or (text.splitlines()[0][:160] if text else type(exc).__name__)
     return OutputError(f"{out}: cannot be written ({why}); check the folder's permissions or write elsewhere.")
 
 

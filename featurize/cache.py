@@ -589,22 +589,22 @@ def _verify(path: Path, deep: bool) -> list[str]:
         if not r.sealed:
             problems.append("no checksums (written before hexpress stored them): its contents cannot be verified; "
                             "rerun embed (no tile is embedded again) to add them")
-        else:
-            problems.extend(p.replace(f"{path}: ", "").replace(f"; {REBUILD}", "") for p in r.verify_all())
+        else:  # every dataset but the features, which the non-finite check below reads (and verifies) once
+            problems.extend(p.replace(f"{path}: ", "").replace(f"; {REBUILD}", "")
+                            for p in r.verify_all(skip=("features",)))
         if problems and r.sealed:
             return problems
         try:
-            ids, digests, _ = _rows_of(fh, path)
+            ids, digests = r.read("ids"), r.read("digests")
+            if len(set(ids)) != len(ids):
+                problems.append("duplicate IDs")
+            if attrs.get("complete") and not r.read("done").all():
+                problems.append("marked complete but not every row is done")
+            bad, step = 0, int((r.doc.get("features") or {}).get("rows") or 4096)  # whole checksum blocks: one read each
+            for s in range(0, len(ids), step):
+                bad += int((~np.isfinite(r.rows("features", s, s + step))).any(axis=1).sum())
         except CacheError as exc:
-            return problems + [str(exc)]
-        if len(set(ids)) != len(ids):
-            problems.append("duplicate IDs")
-        if attrs.get("complete") and not fh["done"][()].all():
-            problems.append("marked complete but not every row is done")
-        bad = 0
-        for s in range(0, len(ids), 4096):
-            block = fh["features"][s : s + 4096]
-            bad += int((~np.isfinite(block)).any(axis=1).sum())
+            return problems + [str(exc).replace(f"{path}: ", "").replace(f"; {REBUILD}", "")]
         if bad:
             problems.append(f"{bad} rows hold NaN or inf")
         if attrs.get("complete") and content_fingerprint(ids, [d.decode() for d in digests]) != attrs.get("table_fingerprint"):
@@ -661,9 +661,10 @@ def require_cache_files(table_path: str | os.PathLike, backbones, cache_dir: str
     path = Path(table_path).expanduser()
     if not path.is_file():
         return  # reading the table says what is wrong with it
+    from featurize.tables.table import cache_folder_name
+
     src = path.resolve()
-    own = f"{src.stem}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
-    dirs = _table_dirs(cache_dir, src.stem, own)
+    dirs = _table_dirs(cache_dir, src.stem, cache_folder_name(src))
     for b in backbones or ():
         if not any(any(d.glob(f"{_safe(b)}-*.h5")) for d in dirs):
             raise CacheError(f"no cache for backbone '{b}' and table {src} under {dirs[0]}; "
@@ -679,13 +680,14 @@ def find_cache(table, backbone: str, cache_dir: str | os.PathLike) -> Path:
     them so the user can pass ``--cache FILE``.
     """
     dirs = _table_dirs(cache_dir, table.name, table.cache_folder)
-    folder = dirs[0]
-    for other in dirs[1:]:  # no cache of this table's own: one of a table of the same name serves when fresh
-        if not any(folder.glob(f"{_safe(backbone)}-*.h5")) and any(other.glob(f"{_safe(backbone)}-*.h5")):
-            try:
-                return _find_in(other, table, backbone)
-            except CacheError:
-                continue
+    folder, pattern = dirs[0], f"{_safe(backbone)}-*.h5"
+    if not any(folder.glob(pattern)):  # no cache of this table's own: one of a table of the same name serves when fresh
+        for other in dirs[1:]:
+            if any(other.glob(pattern)):
+                try:
+                    return _find_in(other, table, backbone)
+                except CacheError:
+                    continue
     return _find_in(folder, table, backbone)
 
 

@@ -38,6 +38,12 @@ NOT_GENES = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_c
 GROUP_CANDIDATES = ("patient", "slide", "section", "group")
 
 
+def cache_folder_name(table_path: str | os.PathLike) -> str:
+    """``<stem>-<8 hex of the sha256 of the resolved path>``: a table's own cache folder (:attr:`TileTable.cache_folder`)."""
+    src = Path(table_path).expanduser().resolve()
+    return f"{src.stem}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class TileTable:
     """A validated tile table; ``Y`` is ``None`` for tables without genes."""
@@ -74,7 +80,7 @@ class TileTable:
     def cache_folder(self) -> str:
         """The table's own cache folder name: the stem and 8 hex of the table's resolved path, so two tables named
         alike in different folders never share (and evict) one cache file."""
-        return f"{self.source.stem}-{hashlib.sha256(str(self.source).encode()).hexdigest()[:8]}"
+        return cache_folder_name(self.source)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -49,7 +49,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +192,21 @@ def read_run_data(folder: str | os.PathLike) -> RunData:
 
 
 def read_inner_predictions(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
-    """(inner_oof, inner_fold) of a run fitted with ``--nested``, else None; reads only those two datasets."""
+    """(inner_oof, inner_fold) of a run fitted with ``--nested``, else None; reads only those two datasets, checked
+    against the shape of ``oof`` and for NaN or inf on the rows they cover."""
     path = Path(folder) / "oof.h5"
     try:
         with open_h5(path, RunError, "run's oof.h5", "refit") as fh:
-            return (fh["inner_oof"][()], fh["inner_fold"][()]) if "inner_oof" in fh else None
+            if "inner_oof" not in fh:
+                return None
+            inner, fold, shape = fh["inner_oof"][()], fh["inner_fold"][()], fh["oof"].shape
     except H5_ERRORS as exc:
         raise RunError(f"{path}: unreadable or incomplete ({exc}); refit.") from exc
+    if inner.shape[1:] != shape or fold.shape != inner.shape[:2]:
+        raise RunError(f"{path}: inner_oof / inner_fold have the wrong shape (damaged); refit it.")
+    if np.isinf(inner).any() or np.isnan(inner[fold >= 0]).any():
+        raise RunError(f"{path}: inner_oof holds NaN or inf on training rows (damaged); refit it.")
+    return inner, fold
 
 
 def refuse_other_identity(final: Path, identity_fields: dict[str, Any], overwrite: bool = False) -> None:
@@ -417,6 +425,7 @@ class Run:
     path: Path
     info: dict[str, Any]
     metrics: dict[str, Any]
+    _checked: dict = field(default_factory=dict, repr=False, compare=False)  # file -> stat it was verified at
 
     @property
     def kind(self) -> str:
@@ -446,9 +455,13 @@ class Run:
             return
         if not f.is_file():
             raise RunError(f"{f}: is missing from the {self.kind} folder; refit (or restore the folder).")
-        if f.stat().st_size != m["size"] or file_sha256(f) != m["sha256"]:
+        st = f.stat()
+        if self._checked.get(name) == (st.st_size, st.st_mtime_ns):
+            return  # hashed already, unchanged since (a stack reads a run's oof.h5 more than once)
+        if st.st_size != m["size"] or file_sha256(f) != m["sha256"]:
             raise RunError(f"{f}: does not match the checksum in {INFO_FILES[self.kind]} (damaged or replaced since "
                            "it was written); refit (or restore the folder).")
+        self._checked[name] = (st.st_size, st.st_mtime_ns)
 
     def data(self) -> RunData:
         self.check_file("oof.h5")

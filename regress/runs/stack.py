@@ -251,10 +251,6 @@ def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
         if got is None:
             raise RunError(f"{r.path}: has no inner out-of-fold predictions; refit it with `fit --nested` "
                            "(without --cross-gene and --smooth) for stack --method cross-gene.")
-        if got[0].shape[1:] != r.data().oof.shape or got[1].shape != (got[0].shape[0], got[0].shape[1]):
-            raise RunError(f"{r.path / 'oof.h5'}: inner_oof / inner_fold have the wrong shape (damaged); refit it.")
-        if np.isinf(got[0]).any() or np.isnan(got[0][got[1] >= 0]).any():
-            raise RunError(f"{r.path / 'oof.h5'}: inner_oof holds NaN or inf on training rows (damaged); refit it.")
         if inner_fold is not None and not np.array_equal(got[1], inner_fold):
             raise RunError(f"{r.path}: its inner CV folds differ from {runs[0].path}; refit both with the same "
                            "--folds, --groups and --seed.")
