@@ -96,12 +96,60 @@ def hest_protocol(out: Path) -> None:
     (out / "hest_protocol.json").write_text(json.dumps({"rows": rows, "genes": 50, "tile_um": 112.0}, indent=1))
 
 
+def references(g: int) -> dict:
+    """The reference protocols, written out with scikit-learn (``g`` genes)."""
+    return {
+        "mean of training sections": DummyRegressor(),
+        "HEST protocol (sklearn: scaler, PCA 256, Ridge alpha=100/(256*g), no intercept)":
+            make_pipeline(StandardScaler(), PCA(256, random_state=0),
+                          Ridge(alpha=100 / (256 * g), fit_intercept=False, solver="lsqr", max_iter=1000,
+                                random_state=0)),
+        "ridge, alpha per gene by LOO CV (sklearn RidgeCV, 13 alphas)":
+            make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=True)),
+    }
+
+
+def lopo(table_path: Path, base: Path, mnv2: Path, runs_dir: Path, rows: list) -> None:
+    """The headline rows again with the folds by patient (2): what carries over to a patient never seen."""
+    table = read_table(table_path, group_col="patient")
+    td = load_training_data(table, [], cache_files=[str(base)])
+    splits = make_splits(len(td.Y), 2, td.groups)
+    fold = fold_labels(splits, len(td.Y))
+    sections = np.asarray(table.slides)
+    g = td.Y.shape[1]
+
+    def record(label, oof, seconds, kind):
+        m = evaluate(td.Y, oof, table.genes)
+        m.update(evaluate_by_fold(td.Y, oof, fold))
+        by_sec = evaluate_by_fold(td.Y, oof, sections)
+        rows.append({"method": f"{label} [leave-one-patient-out]", "kind": kind,
+                     "pcc_by_patient": round(m["pcc_gene_mean_by_fold"], 4), "pcc_pooled": round(m["pcc_gene_mean"], 4),
+                     "pcc_by_section": round(by_sec["pcc_gene_mean_by_fold"], 4),
+                     "sections": [round(v, 3) for v in by_sec["pcc_gene_mean_folds"]], "seconds": round(seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    refs = {k: v for k, v in references(g).items() if not k.startswith("mean")}
+    for label, est in refs.items():
+        s = time.perf_counter()
+        record(label, cross_val_predict_groups(est, td.X, td.Y, splits), time.perf_counter() - s, "reference")
+    for label, caches, context in (("hexpress ridge", [base], 0),
+                                   ("hexpress ridge + context 6, + mobilenetv2", [base, mnv2], 6)):
+        tdx = load_training_data(table, [], cache_files=[str(c) for c in caches], context=context)
+        s = time.perf_counter()
+        res = fit_run(table, [], "ridge", runs_dir=runs_dir / "lopo", folds=2, seed=0, training=tdx, context=context,
+                      log=lambda *a: None, name=label.replace(" ", "_").replace("+", "p").replace(",", ""))
+        record(label, res.oof, time.perf_counter() - s, "hexpress")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "her2st"))
     ap.add_argument("--tile-px", type=int, default=224, help="tile side cut from the full-resolution image")
     ap.add_argument("--tile-um", type=float, default=None, help="cut at this physical size instead")
     ap.add_argument("--no-tta", action="store_true", help="skip the TTA rows (saves ~20 min)")
+    ap.add_argument("--lopo", action="store_true",
+                    help="also the headline rows leave-one-patient-out (train on patient C, score B4; train on B4, "
+                         "score C2-C6): five of the six sections are one patient")
     ap.add_argument("--protocol", choices=("hexpress", "hest"), default="hexpress",
                     help="hest: the HEST-Benchmark protocol instead (log1p raw counts, 50 most variable genes, "
                          "112 um tiles, PCA 256 + ridge; by held-out section and by held-out patient)")
@@ -141,15 +189,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         return oof
 
-    refs = {
-        "mean of training sections": DummyRegressor(),
-        "HEST protocol (sklearn: scaler, PCA 256, Ridge alpha=100/(256*g), no intercept)":
-            make_pipeline(StandardScaler(), PCA(256, random_state=0),
-                          Ridge(alpha=100 / (256 * g), fit_intercept=False, solver="lsqr", max_iter=1000,
-                                random_state=0)),
-        "ridge, alpha per gene by LOO CV (sklearn RidgeCV, 13 alphas)":
-            make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=True)),
-    }
+    refs = references(g)
     for label, est in refs.items():
         s = time.perf_counter()
         record(label, cross_val_predict_groups(est, td.X, td.Y, splits), time.perf_counter() - s, "reference")
@@ -182,6 +222,9 @@ def main() -> None:
         st = stack_runs(run_paths, out_dir=runs_dir / "stack", log=lambda *a: None)
         record("hexpress stack (NNLS per gene, cross-fitted) of the runs above", st.oof, time.perf_counter() - s,
                "hexpress")
+
+    if args.lopo:
+        lopo(table_path, base, mnv2, runs_dir, rows)
 
     import torch
 

@@ -63,7 +63,7 @@ def main() -> None:
         import io
         import shutil
 
-        from featurize.integrity import CHECKSUMS
+        from core.integrity import CHECKSUMS
 
         legacy = d / "bench" / "legacy.h5"
         shutil.copy(path, legacy)

@@ -2,9 +2,9 @@
 
 Import the submodules you need (``featurize.models.backbones``, ``featurize.cache``,
 ``featurize.engine.extract``, ``featurize.tables.table``); importing this package does no
-work and loads no model.
+work and loads no model. Shared pieces (errors, atomic writes, logging, integrity) live
+in :mod:`core`.
 """
-from featurize.errors import HexpressError
+from core import HexpressError, __version__
 
-__version__ = "0.1.0"
 __all__ = ["HexpressError", "__version__"]

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from featurize import __version__
+from core import __version__
 from featurize.models.backbones import BackboneSpec
 from featurize.tables.digests import (
     DIGEST_DTYPE,
@@ -49,8 +49,8 @@ from featurize.tables.digests import (
     file_digest,
     plan_rows,
 )
-from featurize.errors import CacheError
-from featurize.integrity import (
+from core.errors import CacheError
+from core.integrity import (
     CHECKSUMS,
     H5_ERRORS,
     Sealed,
@@ -58,7 +58,7 @@ from featurize.integrity import (
     reseal_dataset,
     seal,
 )
-from featurize.log import warn
+from core.log import warn
 from featurize.models.weights import ResolvedWeights
 
 FORMAT_VERSION = 2
@@ -246,7 +246,7 @@ class CacheWriter:
         n = len(self.ids)
         dtype = np.float16 if self.dtype == "float16" else np.float32
         try:
-            # HDF5's own file lock is off: hexpress's lock (featurize.lock) already allows one writer, and an
+            # HDF5's own file lock is off: hexpress's lock (core.lock) already allows one writer, and an
             # HDF5 flock would be inherited by forked decode workers and outlive a killed embed
             fh = h5py.File(self.partial, "w", locking=False)
             fh.create_dataset("ids", data=self.ids.astype(object), dtype=_STR)

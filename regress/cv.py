@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
-from featurize.errors import UsageError
+from core.errors import UsageError
 
 
 def make_splits(n: int, cv: Any, groups=None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.cache import load_features, require_cache_files
-from featurize.errors import TableError, UsageError
+from core.errors import TableError, UsageError
 from featurize.tables.table import TileTable, index_of, read_table
 from regress.post.context import neighbour_features, slide_split
 

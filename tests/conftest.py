@@ -160,8 +160,8 @@ def run(argv) -> int:
         return exc.code
 
 
-def fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600)):
-    """A tiny ST-layout section: 6x6 grid spots on a generated image; returns the spot keys."""
+def fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600), name="A1"):
+    """A tiny ST-layout section (``name``): 6x6 grid spots on a generated image; returns the spot keys."""
     import pandas as pd
     from PIL import Image
 
@@ -172,9 +172,19 @@ def fake_st(root, n=6, genes=30, seed=0, drop_counts=1, image_size=(600, 600)):
     xs, ys = xs.ravel(), ys.ravel()
     spots = pd.DataFrame({"x": xs, "y": ys, "new_x": xs, "new_y": ys, "pixel_x": 60.0 + 80 * (xs - 2),
                           "pixel_y": 70.0 + 80 * (ys - 3), "selected": 1})
-    spots.to_csv(root / "spots" / "A1_selection.tsv", sep="\t", index=False)
+    spots.to_csv(root / "spots" / f"{name}_selection.tsv", sep="\t", index=False)
     keys = [f"{x}x{y}" for x, y in zip(xs, ys)]
     counts = pd.DataFrame(rng.poisson(3, (len(keys), genes)), index=keys, columns=[f"G{j}" for j in range(genes)])
-    counts.iloc[drop_counts:].to_csv(root / "counts" / "A1.tsv.gz", sep="\t")
-    Image.fromarray((rng.random((*image_size, 3)) * 255).astype(np.uint8)).save(root / "images" / "A1.jpg")
+    counts.iloc[drop_counts:].to_csv(root / "counts" / f"{name}.tsv.gz", sep="\t")
+    Image.fromarray((rng.random((*image_size, 3)) * 255).astype(np.uint8)).save(root / "images" / f"{name}.jpg")
     return keys
+
+
+def parser_leaves(p, path=()):
+    """Every leaf of an argparse tree (each command and subcommand): (names, its option strings)."""
+    for a in p._actions:
+        if isinstance(a.choices, dict) and hasattr(next(iter(a.choices.values()), None), "_actions"):
+            for name, sp in a.choices.items():
+                yield from parser_leaves(sp, path + (name,))
+            return
+    yield path, [o for a in p._actions for o in a.option_strings]

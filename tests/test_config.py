@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from featurize.errors import UsageError
+from core.errors import UsageError
 from featurize.engine.extract import EmbedConfig
 from regress.runs.fit import FitConfig
 

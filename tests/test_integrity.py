@@ -3,7 +3,7 @@
 Every case here was reproducible on the code before this change (a command exiting 0 with wrong numbers, a
 traceback, a hang); each test asserts the fixed behaviour: one ``error:`` line and exit 2, a refusal naming
 the file, or a rebuild - never exit 0 with numbers from a damaged or foreign file.  Fault injection goes
-through the named points of :mod:`featurize.faults` (SIGKILL or a pause inside the writers).
+through the named points of :mod:`core.faults` (SIGKILL or a pause inside the writers).
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def test_a_damaged_complete_attribute_is_called_damaged_not_missing(world, tmp_p
 
 
 def test_a_cache_from_before_checksums_still_loads_with_a_warning_and_embed_seals_it(world, tmp_path, capsys):
-    from featurize.integrity import CHECKSUMS
+    from core.integrity import CHECKSUMS
 
     root, train, _, _ = world
     cache, f = copy_cache(world, tmp_path)
@@ -274,7 +274,7 @@ def test_an_oof_file_with_an_external_link_is_refused(world, tmp_path, capsys):
         with h5py.File(tmp_path / "y.h5", "w") as o:
             o["y"] = y
         fh["y"] = h5py.ExternalLink(str(tmp_path / "y.h5"), "y")
-    from featurize.errors import RunError
+    from core.errors import RunError
     from regress.runs.folder import load_run, manifest
 
     info = json.loads((folder / "run.json").read_text())
@@ -286,7 +286,7 @@ def test_an_oof_file_with_an_external_link_is_refused(world, tmp_path, capsys):
 
 # ============================================================== 6. garbage as targets or settings
 def test_non_gene_columns_and_duplicate_headers_are_refused(tmp_path):
-    from featurize.errors import TableError
+    from core.errors import TableError
     from featurize.tables.table import read_table
 
     t = make_synthetic_table(tmp_path, n=8, n_genes=3, size=16)
@@ -564,7 +564,7 @@ def test_cache_merge_waits_for_the_cache_lock(world, tmp_path):
     final.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
-        "from pathlib import Path\nfrom featurize.lock import file_lock\n"
+        "from pathlib import Path\nfrom core.lock import file_lock\n"
         "with file_lock(Path(%r)):\n    print('held', flush=True); time.sleep(10)") % (str(ROOT), str(final) + ".lock")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -583,7 +583,7 @@ def test_cache_merge_waits_for_the_cache_lock(world, tmp_path):
 
 # ============================================================== 13. messages and leftovers
 def test_image_errors_name_the_file_not_a_buffer(tmp_path):
-    from featurize.errors import ImageError
+    from core.errors import ImageError
     from featurize.tables.images import load_rgb
 
     bad = tmp_path / "x.png"

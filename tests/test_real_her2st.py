@@ -1,4 +1,6 @@
 """End to end on real tissue: her2st sections, real ImageNet weights, leave-one-section-out."""
+import json
+
 import numpy as np
 
 from conftest import HER2ST, needs_her2st
@@ -31,4 +33,6 @@ def test_demo_quick_runs(tmp_path, capsys):
 
     assert cli.main(["demo", "--workdir", str(tmp_path), "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "real tissue" in out and "ridge" in out and "ridge-rr +cc +s2x" in out and "ridge +cc +s2x +cg" in out
+    assert "real tissue" in out and "recipe quick" in out and "ridge-lite0-2x" in out and "=> stack" in out
+    doc = json.loads((tmp_path / "model" / "hexpress-model.json").read_text())
+    assert doc["scales"] == [1.0, 2.0] and doc["scores"]["by_group"] > 0.1

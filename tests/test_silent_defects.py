@@ -9,7 +9,7 @@ import pytest
 from conftest import run, small_world
 
 import cli
-from featurize.errors import TableError, UsageError
+from core.errors import TableError, UsageError
 from featurize.synthetic import make_synthetic_table
 
 
@@ -132,7 +132,7 @@ def test_a_timm_model_without_a_pretrained_config_is_warned_and_recorded(monkeyp
 
 
 def test_imported_test_embeddings_must_match_the_training_ones():
-    from featurize.errors import CacheError
+    from core.errors import CacheError
     from regress.runs.predict import _check_imported
 
     train = {"spec": {"name": "uni", "embed_dim": 1024, "architecture": "external:a.h5"}, "dtype": "float32", "tta": 1,
@@ -195,7 +195,7 @@ def test_every_head_declares_how_it_is_stored_and_none_falls_back_to_pickle(tmp_
     class Undeclared:  # a hexpress estimator nobody declared: an error, never a silent pickle
         __module__ = "regress.new_head"
 
-    from featurize.errors import RunError
+    from core.errors import RunError
 
     with pytest.raises(RunError, match="without a declared way to store it"):
         save_model(Undeclared(), tmp_path)
@@ -223,18 +223,10 @@ def test_two_tables_of_one_name_never_share_or_evict_a_cache(tmp_path, monkeypat
 
 def test_quiet_and_verbose_on_every_command(world, tmp_path, capsys):
     """``--quiet`` keeps warnings and errors, the default shows each step, on stderr; results stay on stdout."""
-    parser = cli.build_parser()
+    from conftest import parser_leaves
 
-    def leaves(p, path=()):
-        for a in p._actions:
-            if isinstance(a.choices, dict) and hasattr(next(iter(a.choices.values()), None), "_actions"):
-                for name, sp in a.choices.items():
-                    yield from leaves(sp, path + (name,))
-                return
-        yield path, {o for a in p._actions for o in a.option_strings}
-
-    found = list(leaves(parser))
-    assert len(found) >= 14 and all({"--quiet", "--verbose"} <= opts for _, opts in found), found
+    found = list(parser_leaves(cli.build_parser()))
+    assert len(found) >= 14 and all({"--quiet", "--verbose"} <= set(opts) for _, opts in found), found
     assert fit(world, tmp_path / "a") == 0
     got = capsys.readouterr()
     assert "[fit] ridge: fold 1/4" in got.err and "run written to" in got.out
@@ -245,7 +237,7 @@ def test_quiet_and_verbose_on_every_command(world, tmp_path, capsys):
 
 def test_a_quiet_command_leaves_no_quiet_logger_behind(capsys):
     """``cli.main`` sets the level for its own command only: the library's lines come back after ``--quiet``."""
-    from featurize.log import say
+    from core.log import say
 
     assert run(["backbones", "--quiet"]) == 0
     capsys.readouterr()

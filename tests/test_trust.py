@@ -11,7 +11,7 @@ import pytest
 from conftest import rewrite_info, run, small_world
 
 import cli
-from featurize.errors import RunError, UsageError
+from core.errors import RunError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_damaged_cache_is_named_as_damaged_and_embed_replaces_it(world, tmp_path
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 3])
     from featurize.cache import load_features
-    from featurize.errors import CacheError
+    from core.errors import CacheError
     from featurize.tables.table import read_table
 
     with pytest.raises(CacheError, match="damaged"):
@@ -242,7 +242,7 @@ def test_stale_imported_cache_suggests_import_embeddings(tmp_path):
     import h5py
 
     from featurize.cache import load_features
-    from featurize.errors import CacheError
+    from core.errors import CacheError
     from featurize.importers.embeddings import import_embeddings
     from featurize.tables.table import read_table
 
@@ -268,7 +268,7 @@ def test_predict_refuses_a_precision_mismatch_before_embedding(world, tmp_path, 
     import featurize.engine.extract
 
     monkeypatch.setattr(featurize.engine.extract, "embed", lambda *a, **k: pytest.fail("embedded before refusing"))
-    from featurize.errors import CacheError
+    from core.errors import CacheError
     from regress.runs.predict import predict_table
 
     with pytest.raises(CacheError, match="bfloat16.*float32"):

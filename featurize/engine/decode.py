@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
-from featurize.errors import UsageError
+from core.errors import UsageError
 from featurize.tables.images import MIN_SIDE
 
 DECODE_CHOICES = ("auto", "pil", "device")

@@ -37,12 +37,13 @@ from featurize.cache import (
     verify_cache,
 )
 from featurize.engine.decode import plain_jpeg_size, resolve_decoder
-from featurize.device import resolve_device
+from core.device import resolve_device
 from featurize.tables.digests import NO_STAT, read_with_digest, split_source
-from featurize.errors import CacheError, ImageError, UsageError
+from core.faults import point
+from core.errors import CacheError, ImageError, UsageError
 from featurize.tables.images import load_rgb
-from featurize.lock import file_lock
-from featurize.log import say, warn
+from core.lock import file_lock
+from core.log import say, warn
 from featurize.models.build import create_backbone, extract
 from featurize.engine.pipeline import Stager, WriteBehind, to_host
 from featurize.tables.table import TileTable, read_table
@@ -222,6 +223,7 @@ def _write_rows(writer: CacheWriter, rows: np.ndarray, good: np.ndarray, out, di
             event.synchronize()
         feats[good] = host.numpy()
     writer.write(rows, feats, good, digests, stats)
+    point("embed-after-batch")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurize.engine.decode import decode_jpegs, resize_on_device
-from featurize.errors import ImageError
+from core.errors import ImageError
 from featurize.tables.images import load_rgb
 from featurize.models.transforms import resize_uint8
 

@@ -17,9 +17,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
-from featurize.errors import UsageError
-from featurize.lock import file_lock
-from featurize.log import say
+from core.errors import UsageError
+from core.lock import file_lock
+from core.log import say
 
 MAX_ATTEMPTS = 3
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from featurize.cache import CacheWriter, lock_path, partial_path
-from featurize.errors import CacheError, UsageError
-from featurize.faults import point as fault
-from featurize.integrity import CHECKSUMS, H5_ERRORS, Sealed, open_h5
-from featurize.lock import file_lock
+from core.errors import CacheError, UsageError
+from core.faults import point as fault
+from core.integrity import CHECKSUMS, H5_ERRORS, Sealed, open_h5
+from core.lock import file_lock
 
 _SHARD = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
 SHARD_ATTRS = ("shard_index", "shard_count", "shard_start", "shard_stop", "table_rows", "table_row_fingerprint",

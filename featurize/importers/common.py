@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.tables.images import large_images_allowed, to_rgb
 from featurize.tables.table import write_table
 
@@ -294,7 +294,7 @@ def switch_table(out_dir: Path, name: str, table: pd.DataFrame, sidecar: dict[st
     """Put a finished import in place: the old table goes first (a kill from here on leaves no table that looks
     complete), then the sidecar and the table, each atomically; the old table's tile folders that no table in
     ``out_dir`` points at any more are removed last."""
-    from featurize.faults import point
+    from core.faults import point
 
     point("table-after-tiles")
     final = out_dir / f"{name}.csv"

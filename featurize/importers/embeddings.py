@@ -36,7 +36,7 @@ import numpy as np
 
 from featurize.models.backbones import BackboneSpec
 from featurize.cache import CacheKey, CacheWriter, cache_path
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.hest import h5_strings
 from featurize.tables.table import TileTable
 from featurize.models.weights import ResolvedWeights, sha256_file

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, tile_size_px
 from featurize.importers.visium import VISIUM_PITCH_UM, VISIUM_SPOT_UM, fit_pixel_size
-from featurize.log import say
+from core.log import say
 
 THEORETICAL_SPOT_UM = 65.0  # what 10x's spot_diameter_fullres spans
 COARSE_UM_PER_PX = 2.0  # above this, tiles carry little cellular detail: warn

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, match_spots
 
 

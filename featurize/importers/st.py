@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, match_spots, tile_size_px
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of neighbouring ST spots

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.common import Slide, build_table, match_spots, tile_size_px
 
 VISIUM_SPOT_UM = 55.0  # the capture spot: the default tile side

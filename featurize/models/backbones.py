@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any
 
-from featurize.errors import BackboneError
-from featurize.log import warn
-from featurize.registry import Registry
+from core.errors import BackboneError
+from core.log import warn
+from core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from featurize.models.backbones import BackboneSpec
-from featurize.errors import BackboneError, WeightsError
+from core.errors import BackboneError, WeightsError
 from featurize.models.weights import RANDOM_INIT_SEED, ResolvedWeights, read_state_dict
 
 

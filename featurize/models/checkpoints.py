@@ -22,7 +22,7 @@ import math
 import re
 from typing import Any
 
-from featurize.errors import WeightsError
+from core.errors import WeightsError
 
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _HF_BLOCK_MAP = {

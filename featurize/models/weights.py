@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from featurize.models.backbones import BackboneSpec
-from featurize.errors import WeightsError
-from featurize.integrity import file_sha256 as sha256_file  # noqa: F401 - one streamed file hash
+from core.errors import WeightsError
+from core.integrity import file_sha256 as sha256_file  # noqa: F401 - one streamed file hash
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_vision.bin")

@@ -59,8 +59,8 @@ def stat_of(source: str | os.PathLike) -> tuple[int, int]:
 
 def read_with_digest(source: str | os.PathLike) -> tuple[bytes, str, tuple[int, int]]:
     """The tile's bytes, their sha256 (hex) and the stat of the file they were read from."""
-    from featurize.errors import ImageError
-    from featurize.integrity import read_regular
+    from core.errors import ImageError
+    from core.integrity import read_regular
 
     path, offset, size = split_source(source)
     data, st = read_regular(path, ImageError, offset, size)  # regular files only, size-capped: never /dev/zero or a FIFO
@@ -73,7 +73,7 @@ def file_digest(source: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 (hex) of a tile's bytes, streamed for plain files; empty string when it cannot be read."""
     import stat
 
-    from featurize.errors import ImageError
+    from core.errors import ImageError
 
     path, offset, _ = split_source(source)
     try:

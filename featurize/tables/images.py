@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from featurize.errors import ImageError
+from core.errors import ImageError
 
 #: Tiles smaller than this on either side are refused: a resize from them is noise.
 MIN_SIDE = 8
@@ -57,7 +57,7 @@ def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     """
     p = Path(path)
     if data is None:
-        from featurize.integrity import check_size, regular_size
+        from core.integrity import check_size, regular_size
 
         size = regular_size(p, ImageError)  # a folder, FIFO or device is refused, never opened
         check_size(p, size, ImageError)

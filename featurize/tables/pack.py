@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from featurize.atomic import atomic_path
-from featurize.errors import ImageError, TableError, UsageError
-from featurize.integrity import read_regular
+from core.atomic import atomic_path
+from core.errors import ImageError, TableError, UsageError
+from core.integrity import read_regular
 from featurize.tables.table import read_table, write_csv_atomic
 
 

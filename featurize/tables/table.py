@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from featurize.atomic import atomic_path
-from featurize.errors import TableError
+from core.atomic import atomic_path
+from core.errors import TableError
 
 #: Columns never treated as genes.
 META_COLUMNS = ("ID", "path", "slide", "patient", "group", "section", "x", "y", "barcode", "grid_row", "grid_col",
@@ -305,7 +305,7 @@ def tile_um_of(sidecar: dict[str, Any] | None) -> float | None:
 def write_table(df: pd.DataFrame, table_path: str | os.PathLike, sidecar: dict) -> Path:
     """The table contract's one writer: the old table goes first (a kill from here on leaves no table that looks
     complete beside a new sidecar), then the sidecar and the table, each written atomically."""
-    from featurize.faults import point
+    from core.faults import point
 
     final = Path(table_path)
     if final.exists():

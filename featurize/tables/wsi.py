@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from featurize.atomic import atomic_path
-from featurize.errors import ImportDataError
+from core.atomic import atomic_path
+from core.errors import ImportDataError
 from featurize.tables.images import large_images_allowed, to_rgb
 from featurize.tables.table import write_table
 

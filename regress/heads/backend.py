@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from featurize.device import resolve_device
+from core.device import resolve_device
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.validation import validate_data
 
-from featurize.errors import UsageError
+from core.errors import UsageError
 
 
 #: A column whose standard deviation is at most this fraction of max(1, |mean|) is constant (rounding noise in

@@ -25,13 +25,15 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from featurize.errors import UsageError
+from core.errors import UsageError
 from regress.heads.base import MultiOutputHead, standardizer
 from regress.cv import inner_groups, make_splits
 from regress.heads.selection import best_index, fold_score
 
 DEFAULT_WIDTHS = (0.03, 0.1, 0.3, 1.0)
-DEFAULT_KRR_ALPHAS = tuple(float(a) for a in np.logspace(-1.5, 1.5, 7))
+#: 10**-1.5 ... 10**1.5, written out (part of the run's identity; np.logspace's last digit varies by release).
+DEFAULT_KRR_ALPHAS = (0.03162277660168379, 0.1, 0.31622776601683794, 1.0, 3.1622776601683795, 10.0,
+                      31.622776601683793)
 
 
 def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:

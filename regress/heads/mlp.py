@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from featurize.device import resolve_device
+from core.device import resolve_device
 from regress.heads.base import MultiOutputHead, standardizer
 
 

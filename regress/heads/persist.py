@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featurize.errors import RunError
+from core.errors import RunError
 
 #: The estimators stored without pickle that are not heads (the heads declare theirs in :mod:`regress.heads.registry`).
 NOT_HEADS = {"CrossGeneMap": "regress.post.crossgene", "Stack": "regress.runs.stack"}

@@ -34,7 +34,7 @@ from sklearn.utils.validation import check_is_fitted
 from regress.heads.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits
 from regress.heads.selection import best_index, pooled_scores
-from featurize.errors import UsageError
+from core.errors import UsageError
 
 DEFAULT_COMPONENTS = (2, 4, 8, 16, 32)
 

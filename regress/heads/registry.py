@@ -16,8 +16,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from featurize.errors import UsageError
-from featurize.registry import Registry
+from core.errors import UsageError
+from core.registry import Registry
 
 PLUGIN_PREFIX = "sklearn:"
 

@@ -44,14 +44,17 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from featurize.errors import UsageError
+from core.errors import UsageError
 from regress.heads.backend import get_backend
 from regress.heads.base import MultiOutputHead, column_moments, scale_or_one
 from regress.cv import inner_groups, make_splits
 from regress.heads.selection import best_index, pooled_scores
 
-#: 13 log-spaced values; features are standardised, so alphas are on the scale of n.
-DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
+#: 13 log-spaced values (10**-1 ... 10**5); features are standardised, so alphas are on the scale of n.
+#: Written out because they are part of every run's identity and np.logspace's last digit differs between
+#: numpy releases (2.4 gives 316.22776601683796 for 10**2.5, earlier releases 316.2277660168379).
+DEFAULT_ALPHAS = (0.1, 0.31622776601683794, 1.0, 3.1622776601683795, 10.0, 31.622776601683793, 100.0,
+                  316.2277660168379, 1000.0, 3162.2776601683795, 10000.0, 31622.776601683792, 100000.0)
 
 
 def hest_alpha(n_features: int, n_targets: int) -> float:

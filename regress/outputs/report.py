@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize.errors import RunError
+from core.errors import RunError
 from regress.runs.folder import RunData, open_result
 
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from featurize.errors import UsageError
-from featurize.log import say
+from core.errors import UsageError
+from core.log import say
 from regress.runs.folder import Run, open_result
 from regress.runs.scales import distinct_sizes, run_tile_um, same_size
 

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featurize.atomic import atomic_path
-from featurize.errors import UsageError
+from core.atomic import atomic_path
+from core.errors import UsageError
 
 
 def provenance(res, **extra: Any) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def provenance(res, **extra: Any) -> dict[str, Any]:
     ``predict`` and ``predict-slide``): the folder, its kind, each backbone's weights, random-init, the version."""
     import time
 
-    from featurize import __version__
+    from core import __version__
 
     return {"run": str(Path(res.path).resolve()), "kind": res.kind,
             "backbones": [{"backbone": b.get("backbone"), "weights_sha256": b.get("weights_sha256"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from featurize.errors import TableError
+from core.errors import TableError
 
 
 def neighbour_features(X: np.ndarray, xy: np.ndarray | None, slides: np.ndarray | None, k: int,

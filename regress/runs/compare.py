@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from featurize.atomic import atomic_path
-from featurize.log import say
+from core.atomic import atomic_path
+from core.log import say
 from featurize.tables.table import read_table
 from regress.runs.fit import fit_run
 from regress.training import load_training_data

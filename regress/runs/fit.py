@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featurize import __version__
-from featurize.errors import UsageError
-from featurize.log import say
+from core import __version__
+from core.errors import UsageError
+from core.log import say
 from featurize.tables.table import read_sidecar, slide_images_of, tile_um_of
 from regress.cv import (
     accepts_groups,
@@ -42,6 +42,7 @@ class RunResult:
     metrics: dict[str, Any]
     fit_seconds: float
     oof: np.ndarray
+    reused: bool = False
 
 
 def run_name(td: TrainingData, head: str, context: int) -> str:
@@ -74,7 +75,8 @@ class FitConfig:
     the table file alone is larger than half the machine's memory; ``cross_gene`` and ``smooth`` post-process the
     head's predictions (in that order), their settings chosen by nested CV (:mod:`regress.post.steps`); ``nested`` keeps
     each outer fold's inner out-of-fold predictions (what ``stack --method cross-gene`` learns from); an existing
-    run of the same name with another identity is replaced only with ``overwrite``."""
+    run of the same name with another identity is replaced only with ``overwrite``; ``reuse`` returns a finished
+    run of the same name and identity as it is instead of fitting it again (what ``run`` does on a rerun)."""
 
     data: Any
     backbones: tuple[str, ...] = ()
@@ -96,6 +98,7 @@ class FitConfig:
     center_slides: bool = False
     cross_gene: bool = False
     nested: bool = False
+    reuse: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbones", tuple(self.backbones or ()))
@@ -124,7 +127,7 @@ def fit(config: FitConfig, *, log=say, training: TrainingData | None = None, com
                 use_groups=c.use_groups, seed=c.seed, device=c.device, name=c.name, command=command, log=log,
                 training=training, context=c.context, head_params=c.head_params, overwrite=c.overwrite,
                 stream=c.stream, smooth=c.smooth, center_slides=c.center_slides, cross_gene=c.cross_gene,
-                nested=c.nested)
+                nested=c.nested, reuse=c.reuse)
 
 
 def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, log=say, training: TrainingData | None = None,
@@ -135,7 +138,7 @@ def fit_run(data, backbones: Sequence[str], head: str = "ridge", *, log=say, tra
 
 def _fit(data, backbones: Sequence[str], head: str, *, cache_dir, runs_dir, cache_files, folds, group_col,
          use_groups, seed, device, name, command, log, training: TrainingData | None, context, head_params, overwrite,
-         stream, smooth, center_slides, cross_gene, nested) -> RunResult:
+         stream, smooth, center_slides, cross_gene, nested, reuse=False) -> RunResult:
     auto = (training is None and stream is None and not smooth and not center_slides and not cross_gene
             and not nested and _too_big(data))
     if auto:
@@ -173,6 +176,11 @@ def _fit(data, backbones: Sequence[str], head: str, *, cache_dir, runs_dir, cach
     name = name or run_name(td, head, context) + ("-centered" if center_slides else "") + \
         ("-crossgene" if cross_gene else "") + (f"-smooth{smooth}" if smooth else "") + ("-nested" if nested else "")
     refuse_other_identity(Path(runs_dir) / name, identity_fields, overwrite)
+    if reuse:
+        done = finished_same(Path(runs_dir) / name, identity_fields)
+        if done is not None:
+            log(f"[fit] {name}: a finished run with the same identity is there; reused ({done.path}).")
+            return done
     tg = td.table.genes  # said once every refusal has had its turn (an error stays the only line on stderr)
     log(f"[fit] {len(tg)} gene columns ({tg[0]}{f' ... {tg[-1]}' if len(tg) > 1 else ''})"
         + (f"; not genes: {', '.join(td.table.ignored[:8])}{' ...' if len(td.table.ignored) > 8 else ''}"
@@ -182,7 +190,11 @@ def _fit(data, backbones: Sequence[str], head: str, *, cache_dir, runs_dir, cach
     extras: dict[str, Any] = {}
     inner: list = []
     try:
-        on_fold = lambda i, s: log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s")  # noqa: E731
+        from core.faults import point
+
+        def on_fold(i, s):
+            log(f"[fit] {head}: fold {i + 1}/{len(splits)} in {s:.1f}s")
+            point("fit-after-fold")
         if smooth or cross_gene:
             post_info, extras, oof = _post_processed_cv(est, td, splits, groups, fold_of, seed, smooth, cross_gene,
                                                        on_fold)
@@ -212,6 +224,23 @@ def _fit(data, backbones: Sequence[str], head: str, *, cache_dir, runs_dir, cach
                    *(_inner_arrays(inner, splits, td.Y.shape) if nested else ()))
     path = write_run(Path(runs_dir) / name, info, metrics, data, model, overwrite=overwrite, extras=extras)
     return RunResult(path, metrics, cv_seconds, oof)
+
+
+def finished_same(final: Path, identity_fields: dict[str, Any]) -> "RunResult | None":
+    """The finished, sound run at ``final`` when it has exactly this identity; else None (fit it)."""
+    from core.errors import HexpressError
+    from regress.runs.folder import load_run
+
+    if not (final / "run.json").is_file():
+        return None
+    try:
+        old = load_run(final)
+        if old.info.get("identity") != identity_of(identity_fields):
+            return None
+        oof = old.data().oof
+    except HexpressError:
+        return None
+    return RunResult(old.path, old.metrics, float(old.info.get("cv_seconds") or 0.0), oof, reused=True)
 
 
 def _inner_arrays(inner, splits, shape) -> tuple[np.ndarray, np.ndarray]:

@@ -56,11 +56,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featurize.errors import CacheError, RunError
-from featurize.faults import point as fault
-from featurize.integrity import H5_ERRORS, file_sha256, open_h5
-from featurize.lock import file_lock
-from featurize.log import warn
+from core.errors import CacheError, RunError
+from core.faults import point as fault
+from core.integrity import H5_ERRORS, file_sha256, open_h5
+from core.lock import file_lock
+from core.log import warn
 from regress.heads.persist import load_model, save_model
 
 RUN_FORMAT = 2
@@ -487,8 +487,14 @@ class Run:
 
 
 def open_result(path: str | os.PathLike, kind: str | None = None) -> Run:
-    """Open a finished run or stack folder (the one place that tells them apart), refusing partial or old ones."""
+    """Open a finished run or stack folder (the one place that tells them apart), refusing partial or old ones.
+
+    A model folder of ``run`` (:mod:`regress.runs.model`) opens as the run or stack that predicts for it."""
+    from regress.runs.model import is_model, model_result
+
     path = Path(path)
+    if is_model(path) and not (path / "run.json").exists() and not (path / "stack.json").exists():
+        path = model_result(path)
     recover(path)
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: is a file, not a run or stack folder; pass the folder `fit` or `stack` wrote.")

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from featurize.cache import find_cache, read_cache
-from featurize.errors import CacheError, RunError, TableError
+from core.errors import CacheError, RunError, TableError
 from featurize.engine.extract import embed
-from featurize.log import say
+from core.log import say
 from featurize.tables.table import TileTable, index_of, read_table, write_csv_atomic
 from regress.post.context import neighbour_features, slide_split
 from regress.runs.folder import Run, open_result
@@ -85,6 +85,24 @@ def _features_for(run: Run, test: TileTable, cache_dir, device: str, batch_size:
     return X
 
 
+def model_tables(doc: dict, model_path, data, log=say) -> list:
+    """The test tables a model folder needs: the one given, and each extra tile size the model was trained on,
+    cut from it around the same centres (:func:`featurize.tables.rescale.scaled_table`); several tables
+    given are taken as they are."""
+    from featurize.tables.rescale import can_rescale, scaled_table
+
+    given = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    extra = [float(s) for s in doc["scales"] if float(s) != 1.0]
+    if len(given) != 1 or not extra:
+        return given
+    why = can_rescale(given[0])
+    if why:
+        raise TableError(f"{model_path} was trained on tiles at {', '.join(f'{s:g}x' for s in [1.0, *extra])} "
+                         f"the spot's tile, but {why}; import the test table with `tiles` from its images (then "
+                         "predict cuts the other sizes itself), or pass one --data per size.")
+    return [given[0], *(scaled_table(given[0], s, log=log) for s in extra)]
+
+
 def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike], *,
                   cache_dir="cache", template: str | os.PathLike | None = None, device: str = "auto",
                   batch_size: int = 64, trust_pickle: bool = False, force_size: bool = False,
@@ -97,6 +115,12 @@ def predict_table(model_path: str | os.PathLike, data: str | os.PathLike | Seque
     runs trained on several (:mod:`regress.runs.scales` gives each run its own);
     rows follow the first.  ``force_size``: one table is used whatever its tiles' recorded size.
     """
+    from regress.runs.model import is_model, read_model
+
+    if is_model(model_path):  # a model folder of `run`: its result, and the extra tile sizes cut from the test table
+        doc = read_model(model_path)
+        data = model_tables(doc, model_path, data, log)
+        model_path = doc["_result_path"]
     res = open_result(model_path)
     if res.kind == "stack":
         from regress.runs.stack import load_stack
@@ -151,7 +175,7 @@ def _check_precision(runs: list[Run], device: str) -> None:
     """Refuse, before embedding anything, a device whose forward precision differs from the training caches'."""
     from featurize.models.backbones import get_spec
     from featurize.engine.decode import resolve_decoder
-    from featurize.device import resolve_device
+    from core.device import resolve_device
     from featurize.engine.extract import compute_dtype
 
     dev = None

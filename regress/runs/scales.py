@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from featurize.errors import RunError, TableError
+from core.errors import RunError, TableError
 from featurize.tables.table import read_sidecar, tile_um_of
 from featurize.tables.table import TileTable
 

@@ -47,9 +47,9 @@ from scipy.optimize import nnls
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from featurize import __version__
-from featurize.errors import RunError, UsageError
-from featurize.log import say
+from core import __version__
+from core.errors import RunError, UsageError
+from core.log import say
 from regress.metrics import evaluate, evaluate_by_fold
 from regress.runs.folder import (
     RUN_FORMAT,
@@ -221,6 +221,7 @@ class StackResult:
     metrics: dict
     oof: np.ndarray
     summary: list[dict]
+    reused: bool = False
 
 
 def check_runs(runs: list[Run]) -> tuple[RunData, list[np.ndarray]]:
@@ -260,18 +261,28 @@ def _inner_predictions(runs: list[Run]) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-               method: str = "nnls", alpha: float = 1.0, log=say, overwrite: bool = False,
-               center_folds: bool = False) -> StackResult:
+               method: str = "nnls", alpha: float | None = None, log=say, overwrite: bool = False,
+               center_folds: bool = False, reuse: bool = False) -> StackResult:
     """Cross-fit a stack over finished runs, compare with the best run and the plain average, save it.
 
-    ``center_folds``: blend weights learned on the within-fold variation (see the module docstring)."""
+    ``center_folds``: blend weights learned on the within-fold variation (see the module docstring);
+    ``alpha``: the penalty of ``method="ridge"`` (default 1.0; refused with other methods);
+    ``reuse``: a finished stack at ``out_dir`` with the same identity (same member runs, same settings) is
+    returned as it is."""
     if len(run_paths) < 2:
         raise UsageError("stack needs at least two runs (`stack RUN RUN ...`, or --all TABLE).")
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose {', '.join(METHODS)}.")
+    if alpha is not None and method != "ridge":
+        raise UsageError(f"--alpha is the ridge stacker's penalty; it does nothing with --method {method}.")
+    alpha = 1.0 if alpha is None else float(alpha)
     if not (np.isfinite(alpha) and alpha > 0):
         raise UsageError(f"--alpha {alpha}: the ridge stacker's penalty must be a positive finite number.")
     runs = [load_run(p) for p in run_paths]
+    if reuse and out_dir is not None and (Path(out_dir) / "stack.json").is_file():
+        done = _same_stack(Path(out_dir), stack_identity_fields(runs, method, alpha, center_folds))
+        if done is not None:
+            return done
     d, oofs = check_runs(runs)
     genes, fold, Y = runs[0].genes, d.fold, d.y.astype(np.float64)
     stacked = np.zeros_like(oofs[0], dtype=np.float64)
@@ -321,6 +332,34 @@ def stack_runs(run_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     for row in summary:
         log(f"{row['run']}: PCC/gene by fold {row['pcc_gene_by_fold']:.4f}, pooled {row['pcc_gene_pooled']:.4f}")
     return StackResult(path, metrics, stacked, summary)
+
+
+def _same_stack(out: Path, fields: dict) -> StackResult | None:
+    from core.errors import HexpressError
+
+    try:
+        old = open_result(out, kind="stack")
+        if old.info.get("identity") != identity_of(fields) or any(why for _, _, why in stack_members(old)):
+            return None
+        return StackResult(old.path, old.metrics, old.data().oof, old.info.get("summary", []), reused=True)
+    except HexpressError:
+        return None
+
+
+def runs_of_tables(runs_dir: str | os.PathLike, tables: Sequence[str | os.PathLike], log=say) -> list[str]:
+    """Every sound finished run under ``runs_dir`` fitted on each of ``tables`` (``stack --all``); a damaged run
+    is skipped and named, a table without runs is an error."""
+    from regress.runs.folder import runs_for_table_checked
+
+    found: list[str] = []
+    for table in tables:
+        good, skipped = runs_for_table_checked(runs_dir, table)
+        for why in skipped:
+            log(f"[stack] skipped a damaged run: {why}")
+        if not good:
+            raise UsageError(f"--all {table}: no finished run under {runs_dir} was fitted on that table.")
+        found += [str(p) for p in good]
+    return found
 
 
 def member_path(stack_path: Path, recorded: str | os.PathLike) -> Path:

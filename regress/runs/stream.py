@@ -21,10 +21,10 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from featurize.atomic import atomic_path
-from featurize.errors import CacheError, TableError, UsageError
-from featurize.integrity import H5_ERRORS, Sealed, file_sha256, open_h5, seal
-from featurize.log import say
+from core.atomic import atomic_path
+from core.errors import CacheError, TableError, UsageError
+from core.integrity import H5_ERRORS, Sealed, file_sha256, open_h5, seal
+from core.log import say
 from featurize.tables.table import GROUP_CANDIDATES, META_COLUMNS, NOT_GENES, _sidecar_genes
 
 STREAM_ABOVE_FRACTION = 0.5

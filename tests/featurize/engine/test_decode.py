@@ -12,7 +12,7 @@ from PIL import Image
 
 from featurize.cache import read_attrs, read_cache
 from featurize.engine.decode import decode_jpegs, plain_jpeg_size, resize_on_device, resolve_decoder
-from featurize.errors import CacheError, ImageError, UsageError
+from core.errors import CacheError, ImageError, UsageError
 from featurize.engine.extract import embed
 from featurize.tables.images import load_rgb
 from featurize.models.transforms import resize_uint8

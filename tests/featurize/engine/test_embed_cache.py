@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from featurize.cache import find_cache, list_caches, load_features, read_attrs, read_cache, verify_cache
-from featurize.errors import CacheError, DeviceError, ImageError
+from core.errors import CacheError, DeviceError, ImageError
 from featurize.engine.extract import embed
 from featurize.tables.table import read_table
 
@@ -185,7 +185,7 @@ def test_non_finite_features_are_refused_at_write_and_at_read(tmp_path, syn_cach
         fh["features"][7, 3] = np.nan
     with pytest.raises(CacheError, match=r"rows 0\.\.\d+ do not match their checksum"):  # an edit is caught first
         read_cache(tmp_path / "nan.h5")
-    from featurize.integrity import seal
+    from core.integrity import seal
 
     with h5py.File(tmp_path / "nan.h5", "r+") as fh:  # a file sealed with a NaN (another writer): still refused
         seal(fh)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import cli
 from featurize.cache import read_cache
-from featurize.errors import CacheError, HexpressError, RunError
+from core.errors import CacheError, HexpressError, RunError
 from featurize.engine.extract import embed
 from featurize.tables.images import load_rgb
 from featurize.synthetic import make_synthetic_table

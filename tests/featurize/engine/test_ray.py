@@ -5,7 +5,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
 
 from featurize.cache import read_cache  # noqa: E402
-from featurize.errors import CacheError  # noqa: E402
+from core.errors import CacheError  # noqa: E402
 from featurize.engine.extract import embed, final_cache_paths  # noqa: E402
 from featurize.engine.ray_engine import embed_ray  # noqa: E402
 from featurize.tables.table import read_table  # noqa: E402
@@ -50,7 +50,7 @@ def test_a_second_driver_is_refused(local_ray, syn_table, tmp_path):
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = final.with_name(final.name + ".driver.lock")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from featurize.lock import file_lock\nwith file_lock(Path(sys.argv[1])):\n"
+                               "from core.lock import file_lock\nwith file_lock(Path(sys.argv[1])):\n"
                                "    print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE,
                               text=True)
     try:

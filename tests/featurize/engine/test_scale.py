@@ -10,7 +10,7 @@ import pytest
 
 import cli
 from featurize.cache import read_cache
-from featurize.errors import CacheError
+from core.errors import CacheError
 from featurize.engine.extract import embed
 from featurize.engine.shards import final_of, merge_shards, parse_shard, shard_path, shard_rows
 from featurize.tables.table import read_table
@@ -209,7 +209,7 @@ def test_streaming_pls_equals_the_in_memory_fit(kw, grouped):
 
 
 def test_streaming_ridge_refuses_what_it_does_not_do():
-    from featurize.errors import UsageError
+    from core.errors import UsageError
     from regress.heads.ridge import RidgeHead
 
     X, Y = np.zeros((10, 20)), np.zeros((10, 2))

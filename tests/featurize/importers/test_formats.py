@@ -14,7 +14,7 @@ import pytest
 
 from conftest import FORMATS, VISIUM, needs_formats, needs_visium, write_10x_h5
 from featurize.cache import load_features, read_attrs
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.embeddings import import_embeddings, read_embedding_file
 from featurize.importers.hest import import_hest
 from featurize.importers.visium import fit_pixel_size, import_visium, make_unique, read_positions

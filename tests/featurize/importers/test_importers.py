@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import HER2ST, VISIUM, fake_st as _fake_st, needs_her2st, needs_visium
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.common import normalize
 from featurize.importers.embeddings import import_embeddings
 from featurize.importers.hest import import_hest

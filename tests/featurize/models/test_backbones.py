@@ -4,7 +4,7 @@ import timm
 import torch
 
 from featurize.models.backbones import BackboneSpec, get_spec, list_backbones, register
-from featurize.errors import BackboneError, WeightsError
+from core.errors import BackboneError, WeightsError
 from featurize.models.build import create_backbone
 from featurize.models.weights import resolve_weights
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurize.errors import ImageError
+from core.errors import ImageError
 from featurize.tables.images import load_rgb
 
 

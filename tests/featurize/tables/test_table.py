@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurize.errors import TableError
+from core.errors import TableError
 from featurize.tables.table import read_table
 
 

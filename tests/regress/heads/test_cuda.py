@@ -151,7 +151,7 @@ def test_a_corrupt_jpeg_in_an_nvjpeg_batch_is_a_bad_tile_as_with_pillow(tmp_path
     import pandas as pd
 
     from featurize.cache import read_cache
-    from featurize.errors import ImageError
+    from core.errors import ImageError
     from featurize.engine.extract import embed
 
     table = _jpeg_table(tmp_path)

@@ -217,7 +217,7 @@ def test_kernel_ridge_learns_what_a_linear_head_cannot():
 
 
 def test_kernel_ridge_refuses_more_rows_than_its_kernel_may_hold():
-    from featurize.errors import UsageError
+    from core.errors import UsageError
 
     X, Y = _low_rank(n=50, d=4, g=2)
     with pytest.raises(UsageError, match="50 training rows.*use --head ridge"):
@@ -261,7 +261,7 @@ def test_select_stack_scores_are_brute_force_cross_fitting():
 
 @pytest.mark.parametrize("method", ["select", "shrink"])
 def test_select_and_shrink_stacks_need_the_runs_folds(method):
-    from featurize.errors import UsageError
+    from core.errors import UsageError
     from regress.runs.stack import Stack
 
     Y, fold, preds = _members()
@@ -330,7 +330,7 @@ def test_center_folds_stack_learns_from_within_fold_variation_only(method):
 
 
 def test_center_folds_stack_needs_the_folds():
-    from featurize.errors import UsageError
+    from core.errors import UsageError
     from regress.runs.stack import Stack
 
     Y, _, preds = _members()

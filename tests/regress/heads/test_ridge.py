@@ -136,7 +136,7 @@ def test_cuda_without_gpu_raises():
 
     if torch.cuda.is_available():
         pytest.skip("GPU present")
-    from featurize.errors import DeviceError
+    from core.errors import DeviceError
 
     X, Y = ridge_data()
     with pytest.raises(DeviceError):
@@ -185,7 +185,7 @@ def test_sum_of_squares_without_predictions_equals_forming_them(device):
 
 
 def test_ridge_cv_needs_complementary_splits():
-    from featurize.errors import UsageError
+    from core.errors import UsageError
 
     X, Y = ridge_data()
     bad = [(np.arange(0, 60), np.arange(100, 160)), (np.arange(60, 160), np.arange(0, 60))]
@@ -229,3 +229,15 @@ def test_kfold_scores_exact_with_constant_and_duplicated_features():
         for tr, va in make_splits(len(X), 5, None, 0):
             oof[va] = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[tr], Ys[tr]).predict(X[va])
         np.testing.assert_allclose(h.cv_scores_[a], -((oof - Ys) ** 2).mean(0), rtol=1e-5)
+
+
+def test_default_alphas_do_not_depend_on_the_numpy_release():
+    """The defaults are part of every run's identity: written out, equal to 10**(k/2) to the last few ulps."""
+    import numpy as np
+
+    from regress.heads.krr import DEFAULT_KRR_ALPHAS
+    from regress.heads.ridge import DEFAULT_ALPHAS
+
+    assert DEFAULT_ALPHAS[7] == 316.2277660168379  # what runs made before numpy 2.4 recorded
+    np.testing.assert_allclose(DEFAULT_ALPHAS, 10.0 ** (np.arange(-2, 11) / 2), rtol=1e-15)
+    np.testing.assert_allclose(DEFAULT_KRR_ALPHAS, 10.0 ** (np.arange(-3, 4) / 2), rtol=1e-15)

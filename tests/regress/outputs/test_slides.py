@@ -9,7 +9,7 @@ from PIL import Image
 
 import cli
 from conftest import VISIUM, at_tile_size, needs_visium, record_tile_size
-from featurize.errors import ImportDataError
+from core.errors import ImportDataError
 from featurize.importers.st import import_st
 from featurize.tables.table import read_table
 

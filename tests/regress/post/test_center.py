@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from featurize.cache import read_cache
-from featurize.errors import TableError, UsageError
+from core.errors import TableError, UsageError
 from regress.post.context import slide_centered, slide_split
 from regress.runs.fit import fit_run
 from regress.training import load_training_data

@@ -143,7 +143,7 @@ def test_fit_cross_gene_writes_the_map_and_predict_applies_it(tmp_path, smooth, 
 
 
 def test_cross_gene_refuses_stream(tmp_path):
-    from featurize.errors import UsageError
+    from core.errors import UsageError
     from regress.runs.fit import fit_run
 
     with pytest.raises(UsageError, match="--cross-gene"):
@@ -165,7 +165,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
     from sklearn.base import clone
 
     from featurize.cache import load_features
-    from featurize.errors import RunError
+    from core.errors import RunError
     from featurize.tables.table import read_table
     from regress.cv import cross_val_predict_groups, make_splits
     from regress.heads.registry import make_head
@@ -213,7 +213,7 @@ def test_fit_nested_keeps_inner_predictions_and_stack_cross_gene_learns_only_fro
 
 
 def test_nested_refuses_post_processing(tmp_path):
-    from featurize.errors import UsageError
+    from core.errors import UsageError
     from regress.runs.fit import fit_run
 
     with pytest.raises(UsageError, match="--nested"):

@@ -7,7 +7,7 @@ import pytest
 
 import cli
 from conftest import at_tile_size, embedded_train_test, record_tile_size
-from featurize.errors import RunError, TableError
+from core.errors import RunError, TableError
 from featurize.synthetic import make_synthetic_table
 from regress.runs.predict import predict_table
 from regress.runs.folder import open_result

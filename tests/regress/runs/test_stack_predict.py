@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 import cli
-from featurize.errors import TableError
+from core.errors import TableError
 from featurize.synthetic import make_synthetic_table
 from regress.metrics import evaluate_by_fold
 from regress.runs.stack import Stack

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from featurize.errors import CacheError
+from core.errors import CacheError
 
 
 @contextmanager

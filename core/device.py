@@ -1,7 +1,7 @@
 """Device selection shared by both stages: never a silent CPU fallback."""
 from __future__ import annotations
 
-from featurize.errors import DeviceError
+from core.errors import DeviceError
 
 
 def resolve_device(device: str):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Generic, Iterator, TypeVar
 
-from featurize.errors import HexpressError
+from core.errors import HexpressError
 
 T = TypeVar("T")
 
