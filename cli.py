@@ -12,7 +12,7 @@ from core.errors import HexpressError
 
 #: The commands in the order ``--help`` lists them (each a module of ``commands/`` with ``register(sub)``).
 COMMANDS = ("demo", "run", "tiles", "import_embeddings", "pack", "backbones", "embed", "cache", "fit", "stack",
-            "predict", "report")
+            "predict", "report", "hest_bench")
 
 
 def build_parser():

@@ -11,17 +11,32 @@ def register(sub) -> None:
     sp = sub.add_parser("tiles", help="import spatial data (ST / Visium / HEST) into a tile table with cut tiles",
                         description="Cut a tile around every spot, normalise expression and write <out>/<name>.csv, "
                                     "tiles/ and a JSON sidecar reporting dropped spots, padding and genes.")
-    sp.add_argument("format", choices=("st", "visium", "hest", "h5ad"), help="st: her2st-style folder (counts/, spots/, "
+    sp.add_argument("format", choices=("st", "visium", "hest", "h5ad", "spatialdata"), help="st: her2st-style folder (counts/, spots/, "
                     "images/) or a sample sheet CSV (sample, counts, spots, image[, patient]); visium: Space Ranger outs "
-                    "folder; hest: HEST-1k folder (patches/, st/); h5ad: a scanpy/squidpy AnnData file with obsm['spatial']")
-    sp.add_argument("source", help="the data folder (st: or a sample sheet CSV; h5ad: the .h5ad file)")
+                    "folder; hest: HEST-1k folder (patches/, st/); h5ad: a scanpy/squidpy AnnData file with obsm['spatial']; spatialdata: a SpatialData .zarr store (Visium, "
+                    "Visium HD, Xenium as spatialdata-io writes them; needs pip install 'hexpress[spatialdata]')")
+    sp.add_argument("source", help="the data folder (st: or a sample sheet CSV; h5ad: the .h5ad file; spatialdata: the "
+                    ".zarr store)")
     sp.add_argument("--library", help="h5ad: the uns['spatial'] library to read (needed when it holds several)")
     sp.add_argument("--out", required=True,
                     help="FOLDER to write the table (<name>.csv), its sidecar (<name>.json) and the tiles (tiles/) into")
     sp.add_argument("--name", default="tiles", help="table name (default: %(default)s)")
     sp.add_argument("--section", action="append", help="section/sample to import (repeatable; default all for st)")
     sp.add_argument("--image", action="append", help="visium / h5ad: the full-resolution image (default: cut from the "
-                    "stored hires/lowres image at its scale factor)")
+                    "stored hires/lowres image at its scale factor); spatialdata: the image element to cut (needed when "
+                    "the store holds several)")
+    sp.add_argument("--table", help="spatialdata: the table to read (needed when the store holds several)")
+    sp.add_argument("--shapes", help="spatialdata: the shapes element the table annotates to use (spots, bins or cells; "
+                    "needed when the table annotates several)")
+    sp.add_argument("--image-level", type=int, default=None, metavar="N",
+                    help="spatialdata: the pyramid level to cut (default 0, full resolution; only that level is read)")
+    sp.add_argument("--um-frame", metavar="NAME", help="spatialdata: the coordinate system in micrometres (default "
+                    "'global' where the image has one and the table has no array_row/array_col to fit the pitch from)")
+    sp.add_argument("--pseudo-spot", type=float, default=None, metavar="UM",
+                    help="spatialdata (Xenium): bin cells into squares of UM micrometres, counts summed, a tile per "
+                         "square (HEST uses 55 or 100)")
+    sp.add_argument("--cells", action="store_true",
+                    help="spatialdata (Xenium): one row per cell, a tile of --tile-um centred on it (recorded in the sidecar)")
     sp.add_argument("--image-res", choices=("lowres", "hires"), help="visium without a full-resolution image")
     sp.add_argument("--tile-um", type=float, default=None,
                     help="tile side in micrometres (default: the spot: 100 st, 55 visium, the bin for visium HD)")
@@ -66,7 +81,9 @@ def cmd_tiles(args) -> int:
                        tile_px=args.tile_px, out_px=args.out_px, normalize=args.normalize, n_genes=n_genes,
                        gene_list=gene_list, min_spots=args.min_spots,
                        patients=_pairs_arg(args.patient, "--patient", "SECTION=PATIENT"), gene_names=gene_names,
-                       bin_size=args.bin_size, feature_types=args.feature_types)
+                       bin_size=args.bin_size, feature_types=args.feature_types, table=args.table,
+                       shapes=args.shapes, image_level=args.image_level, um_frame=args.um_frame,
+                       pseudo_spot=args.pseudo_spot, cells=args.cells)
     print(out)
     print(f"sidecar: {out.with_suffix('.json')}")
     return 0

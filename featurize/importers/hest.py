@@ -49,10 +49,14 @@ def read_h5ad_counts(path: Path, min_spots: float = 0.0) -> pd.DataFrame:
                         columns=pd.Index(ad.var_names[keep].astype(str)))
 
 
-def read_hest_sample(root: str | Path, sample: str, out_dir: Path, min_spots: float = 0.0) -> Slide:
-    """One HEST sample: patches written as PNGs now, then treated like a pre-cut slide."""
+def read_hest_sample(root: str | Path, sample: str, out_dir: Path, min_spots: float = 0.0,
+                     patches: str | Path | None = None, expression: str | Path | None = None) -> Slide:
+    """One HEST sample: patches written as PNGs now, then treated like a pre-cut slide.  ``patches`` /
+    ``expression``: the sample's files where they are not ``root/patches/<id>.h5`` / ``root/st/<id>.h5ad``
+    (a HEST-Benchmark task folder keeps them in ``patches/`` and ``adata/``)."""
     root = Path(root)
-    pfile, stfile = root / "patches" / f"{sample}.h5", root / "st" / f"{sample}.h5ad"
+    pfile = Path(patches) if patches else root / "patches" / f"{sample}.h5"
+    stfile = Path(expression) if expression else root / "st" / f"{sample}.h5ad"
     if not pfile.is_file():
         raise ImportDataError(f"{pfile}: patches file not found.")
     try:

@@ -48,8 +48,12 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     if not (math.isfinite(min_tissue) and 0 <= min_tissue <= 1):
         raise UsageError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
     out = Path(out)
-    if out.suffix != ".h5ad":
-        raise UsageError(f"--out {out}: predict-slide writes AnnData; name the file *.h5ad.")
+    if out.suffix not in (".h5ad", ".zarr"):
+        raise UsageError(f"--out {out}: predict-slide writes AnnData (*.h5ad) or a SpatialData store (*.zarr).")
+    if out.suffix == ".zarr":
+        from featurize.importers.spatialdata import require_spatialdata
+
+        require_spatialdata()  # before any tile is cut
     res = open_result(run)
     known = set(res.genes) | set(res.info.get("gene_names") or [])
     unknown = [g for g in genes if g not in known]
@@ -98,8 +102,15 @@ def predict_slide(run: str | os.PathLike, slide: str | os.PathLike, out: str | o
     prov = provenance(res, slide_path=str(Path(slide).resolve()), tile_um=tile_um, trained_tile_um=trained,
                       trained_tile_sizes_um=sizes, mpp=img.mpp, mpp_source=img.mpp_source, n_tiles=len(t))
     X = df[gene_cols].to_numpy()
-    path = write_h5ad(out, df["ID"].tolist(), gene_cols, X, xy=t.xy, symbols=symbols, slide=name, image=thumb,
-                      image_scale=scale, spot_px=cut["tile_px_level0"], grid=grid, provenance=prov)
+    if out.suffix == ".zarr":
+        from regress.outputs.sdata import write_spatialdata
+
+        path = write_spatialdata(out, df["ID"].tolist(), gene_cols, X, xy=t.xy, slides=[name] * len(X),
+                                 tile_px={name: float(cut["tile_px_level0"])}, images={name: (thumb, scale)},
+                                 symbols=symbols, provenance=prov)
+    else:
+        path = write_h5ad(out, df["ID"].tolist(), gene_cols, X, xy=t.xy, symbols=symbols, slide=name, image=thumb,
+                          image_scale=scale, spot_px=cut["tile_px_level0"], grid=grid, provenance=prov)
     if genes:
         draw_gene_maps(out.with_suffix(""), list(genes), X, t.xy, all_genes=gene_cols, symbols=symbols, image=thumb,
                        image_scale=scale, tile_px=cut["tile_px_level0"], title=f"on {name}")

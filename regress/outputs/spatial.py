@@ -39,6 +39,16 @@ def provenance(res, **extra: Any) -> dict[str, Any]:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
+def flat_provenance(prov: dict[str, Any] | None) -> dict[str, Any]:
+    """Provenance as ``uns["hexpress"]`` holds it (AnnData and SpatialData outputs): flat strings and numbers,
+    anything else as JSON, plus ``provenance_json`` with everything."""
+    prov = dict(prov or {})
+    flat = {k: (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)) for k, v in prov.items()
+            if v is not None}
+    flat["provenance_json"] = json.dumps(prov, default=str)
+    return flat
+
+
 def write_h5ad(out: str | os.PathLike, ids: Sequence[str], genes: Sequence[str], X: np.ndarray, *,
                xy: np.ndarray | None = None, symbols: Sequence[str] | None = None,
                slide: str | Sequence[str] | np.ndarray | None = None,
@@ -75,11 +85,7 @@ def write_h5ad(out: str | os.PathLike, ids: Sequence[str], genes: Sequence[str],
                 entry["images"] = {"hires": np.asarray(image, dtype=np.uint8)}
                 entry["scalefactors"]["tissue_hires_scalef"] = float(image_scale or 1.0)
             ad.uns["spatial"][library] = entry
-    prov = dict(provenance or {})
-    flat = {k: (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)) for k, v in prov.items()
-            if v is not None}
-    flat["provenance_json"] = json.dumps(prov, default=str)
-    ad.uns["hexpress"] = flat
+    ad.uns["hexpress"] = flat_provenance(provenance)
     with atomic_path(out, ".h5ad") as tmp:
         ad.write_h5ad(tmp)
     return out

@@ -96,6 +96,7 @@ class Step:
     reuse: bool
     unit: str  # the budget unit it belongs to (a member's name, "stack", "ablation", "lopo")
     run: Callable[[], Any] | None = field(default=None, repr=False)
+    rate: tuple[str, str, float] | None = None  # (kind, sub, units) of rates.json it was estimated from
     seconds: float | None = None
     status: str = "planned"  # planned, done, reused, dropped
 
@@ -253,9 +254,10 @@ class Runner:
                 cut_done.add(m.scale)
                 dest = scaled_name(self.table_path, m.scale)
                 reuse = dest.is_file() and bool(derived_info(dest))
-                est, meas = self.rates.estimate("cut", "tiles", n * m.scale ** 2)
+                rate = ("cut", "tiles", n * m.scale ** 2)
+                est, meas = self.rates.estimate(*rate)
                 steps.append(Step("cut", f"{dest.name} ({n} tiles at {m.scale:g}x)", est, meas, reuse, m.name,
-                                  run=lambda s=m.scale: self._cut(s)))
+                                  run=lambda s=m.scale: self._cut(s), rate=rate))
             for b in m.backbones:
                 if (m.scale, b) in embed_done:
                     continue
@@ -269,44 +271,49 @@ class Runner:
                     p = plan_if_complete(t, path)
                     reuse = p is not None and len(p.todo) == 0
                 spec = get_spec(b)
-                est, meas = self.rates.estimate("embed", f"{b}|tta{r.tta}", n * r.tta,
-                                                prior_scale=(spec.input_size / 224) ** 2 * (8.0 if "vit" in
-                                                                                          spec.architecture else 1.0))
+                rate = ("embed", f"{b}|tta{r.tta}", n * r.tta)
+                est, meas = self.rates.estimate(*rate, prior_scale=(spec.input_size / 224) ** 2
+                                                * (8.0 if "vit" in spec.architecture else 1.0))
                 steps.append(Step("embed", f"{b} on {table_file.name}", est, meas, reuse, m.name,
-                                  run=lambda s=m.scale, b=b: self._embed(s, b)))
+                                  run=lambda s=m.scale, b=b: self._embed(s, b), rate=rate))
             reuse = (self.run_dir(m) / "run.json").is_file()
-            est, meas = self.rates.estimate("fit", self._fit_kind(m, self.folds), self._fit_units(m, self.folds))
+            rate = ("fit", self._fit_kind(m, self.folds), self._fit_units(m, self.folds))
+            est, meas = self.rates.estimate(*rate)
             bbs = "+".join(m.backbones) if len(m.backbones) <= 2 else f"{len(m.backbones)} backbones ({m.backbones[0]}, ...)"
             steps.append(Step("fit", f"{m.name}: {m.head} on {bbs} at {m.scale:g}x"
                               + (" (nested)" if r.nested else ""), est, meas, reuse, m.name,
-                              run=lambda m=m: self._fit(m)))
+                              run=lambda m=m: self._fit(m), rate=rate))
         k = len(r.members)
         if k >= 2:
-            est, meas = self.rates.estimate("stack", r.stack_method, self._stack_units(k, self.folds))
+            rate = ("stack", r.stack_method, self._stack_units(k, self.folds))
+            est, meas = self.rates.estimate(*rate)
             steps.append(Step("stack", f"{r.stack_method} over {k} runs", est, meas,
                               (self.out / "stack" / "stack.json").is_file(), "stack",
-                              run=lambda: self._stack([m.name for m in r.members], self.out / "stack")))
+                              run=lambda: self._stack([m.name for m in r.members], self.out / "stack"), rate=rate))
         for label, without in self.levers():
             if len(without) >= 2 and c.ablation:
-                est, meas = self.rates.estimate("stack", r.stack_method, self._stack_units(len(without), self.folds))
+                rate = ("stack", r.stack_method, self._stack_units(len(without), self.folds))
+                est, meas = self.rates.estimate(*rate)
                 steps.append(Step("ablate", f"the stack without {label} ({len(without)} runs)", est, meas,
                                   (self._ablation_dir(label) / "stack.json").is_file(), "ablation",
-                                  run=lambda w=without, lab=label: self._stack(w, self._ablation_dir(lab))))
+                                  run=lambda w=without, lab=label: self._stack(w, self._ablation_dir(lab)), rate=rate))
         lopo = c.lopo if c.lopo is not None else (self.patients >= 2 and self.group_col != "patient")
         if lopo and self.patients < 2:
             raise UsageError(f"--lopo: {self.table_path} holds fewer than two patients (its 'patient' column).")
         if lopo:
             for m in r.members:
-                est, meas = self.rates.estimate("fit", self._fit_kind(m, self.patients), self._fit_units(m, self.patients))
+                rate = ("fit", self._fit_kind(m, self.patients), self._fit_units(m, self.patients))
+                est, meas = self.rates.estimate(*rate)
                 steps.append(Step("lopo-fit", f"{m.name}, leave-one-patient-out ({self.patients} patients)", est,
                                   meas, (self.run_dir(m, True) / "run.json").is_file(), "lopo",
-                                  run=lambda m=m: self._fit(m, lopo=True)))
+                                  run=lambda m=m: self._fit(m, lopo=True), rate=rate))
             if k >= 2:
-                est, meas = self.rates.estimate("stack", r.stack_method, self._stack_units(k, self.patients))
+                rate = ("stack", r.stack_method, self._stack_units(k, self.patients))
+                est, meas = self.rates.estimate(*rate)
                 steps.append(Step("lopo-stack", f"{r.stack_method} over {k} runs, leave-one-patient-out", est, meas,
                                   (self.out / "lopo" / "stack" / "stack.json").is_file(), "lopo",
                                   run=lambda: self._stack([m.name for m in r.members], self.out / "lopo" / "stack",
-                                                          lopo=True)))
+                                                          lopo=True), rate=rate))
         return steps
 
     def levers(self) -> list[tuple[str, list[str]]]:
@@ -423,28 +430,17 @@ class Runner:
                     s.status = "dropped"
 
     def _record(self, s: Step, result) -> None:
-        """Measured rates for the next plan (only work actually done counts)."""
-        if s.reuse or result is None:
+        """Measured rates for the next plan: the step's own (kind, sub, units), only for work actually done (an
+        embed counts the rows it embedded, not the table's)."""
+        if s.reuse or result is None or s.rate is None or not s.seconds or getattr(result, "reused", False):
             return
+        kind, sub, units = s.rate
         if s.kind == "embed":
             _, rows = result
-            if rows > 0 and s.seconds:
-                label = s.label.split(" on ")[0]
-                self.rates.record("embed", f"{label}|tta{self.recipe.tta}", rows * self.recipe.tta, s.seconds)
-        elif s.kind in ("fit", "lopo-fit"):
-            name = s.label.split(":")[0].split(",")[0]
-            m = next(m for m in self.recipe.members if m.name == name) if any(
-                mm.name == name for mm in self.recipe.members) else None
-            if m is not None and not getattr(result, "reused", False):
-                folds = self.patients if s.kind == "lopo-fit" else self.folds
-                self.rates.record("fit", self._fit_kind(m, folds), self._fit_units(m, folds), s.seconds)
-        elif s.kind == "cut":
-            self.rates.record("cut", "tiles", len(self.table) * float(s.label.split(" at ")[1].split("x")[0]) ** 2,
-                              s.seconds)
-        elif s.kind in ("stack", "ablate", "lopo-stack") and not getattr(result, "reused", False):
-            k = int(re.search(r"(\d+) runs", s.label).group(1))
-            self.rates.record("stack", self.recipe.stack_method,
-                              self._stack_units(k, self.patients if s.kind == "lopo-stack" else self.folds), s.seconds)
+            if rows <= 0:
+                return
+            units = rows * self.recipe.tta
+        self.rates.record(kind, sub, units, s.seconds)
 
 
 def run(config: RunConfig, log=say) -> Path:

@@ -379,5 +379,5 @@ def test_cli_visium_then_trident_embeddings_then_fit(tmp_path, capsys):
     assert "run written to" in capsys.readouterr().out
     # flags a source type does not use are errors, not silently ignored
     assert main(["tiles", "st", str(VISIUM), "--out", str(tmp_path / "x"), "--bin-size", "8"]) == 2
-    assert "applies to visium only" in capsys.readouterr().err
+    assert "applies to visium and spatialdata only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
