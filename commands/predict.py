@@ -62,6 +62,10 @@ def cmd_predict(args) -> int:
         raise HexpressError(f"--template orders a submission CSV; it does not apply to --out *{kind}.")
     if args.into_source and kind != ".zarr":
         raise HexpressError("--into-source adds the predictions to a copy of the source store; name --out *.zarr.")
+    if kind == ".zarr":
+        from featurize.importers.spatialdata import require_spatialdata
+
+        require_spatialdata()  # before any tile is embedded
     df = predict_table(args.run, args.data, cache_dir=args.cache_dir, template=args.template, device=args.device,
                        batch_size=args.batch_size, trust_pickle=args.trust_pickle)
     if kind == ".csv":

@@ -41,11 +41,17 @@ class Task:
     files: dict[str, tuple[Path, Path]]  # sample -> (patches, expression)
 
 
+def _split_index(path: Path) -> tuple[int, str]:
+    """``train_10.csv`` after ``train_2.csv``."""
+    tail = path.stem.rsplit("_", 1)[-1]
+    return (int(tail) if tail.isdigit() else -1, path.name)
+
+
 def read_task(root: str | os.PathLike) -> Task:
     """The splits, genes and files of a task folder; one error line naming what is missing."""
     root = Path(root)
     sdir = root / "splits"
-    trains = sorted(sdir.glob("train_*.csv"), key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else 0)
+    trains = sorted(sdir.glob("train_*.csv"), key=_split_index)
     if not trains:
         raise ImportDataError(f"{root}: no splits/train_<i>.csv; point TASK at a HEST-Benchmark task folder "
                               "(bench_data/<TASK>).")

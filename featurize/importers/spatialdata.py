@@ -167,7 +167,8 @@ def read_spatialdata_slide(path: str | Path, out_dir: Path, *, table: str | None
     if not pd.Index(ids).isin(shp.index).all():
         raise ImportDataError(f"{path}: {int((~pd.Index(ids).isin(shp.index)).sum())} table rows name instances that "
                               f"shapes '{sname}' lacks; the table and shapes do not belong together.")
-    shared = sorted(set(_frames(shp)) & set(_frames(img)), key=lambda c: (c != "global", c))
+    frames = set(_frames(img))
+    shared = sorted(set(_frames(shp)) & frames, key=lambda c: (c != "global", c))
     if not shared:
         raise ImportDataError(f"{path}: shapes '{sname}' and image '{iname}' share no coordinate system, so the tiles "
                               "cannot be placed on the image; add a transformation to a common one.")
@@ -182,11 +183,11 @@ def read_spatialdata_slide(path: str | Path, out_dir: Path, *, table: str | None
                               "image_level": image_level, "coordinate_system": cs, "instance_ids_kept": True}
     obs = tab.obs.iloc[rows]
     square = not bool((geom.geom_type == "Point").all())
-    frames = set(_frames(img))
     frame = um_frame if um_frame is not None else ("global" if "global" in frames else None)
     if um_frame is not None and um_frame not in frames:
         raise ImportDataError(f"{path}: image '{iname}' has no transformation to --um-frame {um_frame} (its frames: "
                               f"{', '.join(sorted(frames))}).")
+    to_um = _affine(img, frame) if frame is not None else None  # level-0 image pixels -> micrometres
     if {"array_row", "array_col"} <= set(obs.columns) and pseudo_spot_um is None and um_frame is None:
         pitch = bin_size_um or _bin_from_name(sname) if square else VISIUM_PITCH_UM
         if not pitch:
@@ -199,7 +200,6 @@ def read_spatialdata_slide(path: str | Path, out_dir: Path, *, table: str | None
                                             f"{'bin' if square else 'centre-to-centre'} pitch", "pixel_size_fit": fit})
         default_um = float(pitch) if square else VISIUM_SPOT_UM
     elif frame is not None:
-        to_um = _affine(img, frame)
         ppu = 1.0 / math.sqrt(abs(float(np.linalg.det(to_um[:2, :2]))))
         report["pixel_size_method"] = f"the image's transformation to the micrometre frame '{frame}'"
         report["um_frame"] = frame
@@ -214,9 +214,9 @@ def read_spatialdata_slide(path: str | Path, out_dir: Path, *, table: str | None
     if pseudo_spot_um is not None:
         if frame is None:
             raise ImportDataError(f"{path}: --pseudo-spot needs a micrometre frame; name it with --um-frame NAME.")
-        um = xy @ _affine(img, frame)[:2, :2].T + _affine(img, frame)[:2, 2]
+        um = xy @ to_um[:2, :2].T + to_um[:2, 2]
         squares, centres_um, counts, n_cells = pseudo_spots(um, counts, pseudo_spot_um)
-        from_um = np.linalg.inv(_affine(img, frame))
+        from_um = np.linalg.inv(to_um)
         xy = centres_um @ from_um[:2, :2].T + from_um[:2, 2]
         keys = [f"sq{ix}_{iy}" for ix, iy in squares]
         default_um = float(pseudo_spot_um)

@@ -127,8 +127,6 @@ def write_spatialdata(out: str | os.PathLike, ids: Sequence[str], genes: Sequenc
     from spatialdata.transformations import Identity
 
     out = Path(out)
-    if out.suffix != ".zarr":
-        raise UsageError(f"--out {out}: a SpatialData store must end in .zarr.")
     slides = np.asarray([str(s) for s in slides])
     xy = np.asarray(xy, dtype=np.float64)
     if xy.shape != (len(ids), 2) or len(slides) != len(ids):
@@ -192,12 +190,11 @@ def table_geometry(test, sidecar: dict[str, Any] | None, out: Path) -> tuple[dic
         rep = reps.get(s, {})
         if rep.get("tile_px"):
             sides[s] = float(rep["tile_px"]) / float(rep.get("image_scale", 1.0))
-        else:
+        else:  # no importer's record: the median distance to the nearest other tile
+            from scipy.spatial import cKDTree
+
             pts = test.xy[np.asarray(slides, dtype=str) == s]
-            d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)) if 1 < len(pts) <= 4000 else None
-            if d is not None:
-                np.fill_diagonal(d, np.inf)
-            sides[s] = float(np.median(d.min(1))) if d is not None else 1.0
+            sides[s] = float(np.median(cKDTree(pts).query(pts, k=2)[0][:, 1])) if len(pts) > 1 else 1.0
         if rep.get("image") and Path(rep["image"]).is_file():
             with large_images_allowed(), Image.open(rep["image"]) as im:
                 im.draft("RGB", (MAX_SIDE, MAX_SIDE))
